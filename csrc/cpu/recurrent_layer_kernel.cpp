@@ -1,0 +1,580 @@
+// CPU kernels of seqfast::recurrent_layer_forward / recurrent_layer_backward: one layer, one direction,
+// the whole time loop in C++.
+//
+// Forward:  gx = x W_ih^T + b_ih for all tokens (one GEMM); per step one GEMM h W_hh^T and ONE fused,
+//           vectorized pass over the gates, parallel over the batch rows.
+// Backward: reverse time loop with one fused pass and one GEMM (dh_prev = dG W_hh) per step; the
+//           gradients of x, W_ih, W_hh and the biases are single GEMMs / reductions after the loop.
+// Padded input is treated as packed input with every batch size equal to B, so there is one code path
+// and packed sequences cost no work on padding: step t touches rows [0, batch[t]) only.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "row_gemm.h"
+#include "seqfast/gates.h"
+#include "seqfast/recurrent.h"
+
+// Compile the pointwise loops for AVX-512, AVX2 and baseline x86-64; the loader picks one (ifunc).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SEQFAST_CPU_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SEQFAST_CPU_MULTIVERSION
+#endif
+
+namespace seqfast {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// ------------------------------------------------------------------------------------------------
+// Time-major packed schedule: step t covers token rows [offset[t], offset[t] + batch[t]).
+struct Schedule {
+  std::vector<int64_t> batch;
+  std::vector<int64_t> offset;
+  int64_t tokens = 0;
+  int64_t max_batch = 0;
+  int64_t steps() const { return static_cast<int64_t>(batch.size()); }
+};
+
+Schedule make_schedule(const Tensor& input, const OptTensor& batch_sizes) {
+  Schedule s;
+  if (!batch_sizes.has_value()) {
+    TORCH_CHECK(input.dim() == 3, "seqfast: padded input must be 3-D (T, B, I), got ", input.dim(),
+                "-D");
+    const int64_t T = input.size(0), B = input.size(1);
+    s.batch.assign(T, B);
+    s.offset.resize(T);
+    for (int64_t t = 0; t < T; ++t) s.offset[t] = t * B;
+    s.tokens = T * B;
+    s.max_batch = B;
+  } else {
+    const Tensor& bs = *batch_sizes;
+    TORCH_CHECK(input.dim() == 2, "seqfast: packed input data must be 2-D (N, I), got ", input.dim(),
+                "-D");
+    TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(),
+                "seqfast: batch_sizes must be a 1-D int64 CPU tensor (as in PackedSequence), got ",
+                bs.dim(), "-D ", bs.scalar_type(), " on ", bs.device());
+    const Tensor bs_c = bs.contiguous();
+    const int64_t* p = bs_c.data_ptr<int64_t>();
+    const int64_t T = bs_c.numel();
+    s.batch.resize(T);
+    s.offset.resize(T);
+    int64_t total = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(p[t] > 0, "seqfast: batch_sizes must be positive, got ", p[t], " at step ", t);
+      TORCH_CHECK(t == 0 || p[t] <= p[t - 1],
+                  "seqfast: batch_sizes must be non-increasing (sequences sorted by length, as "
+                  "pack_padded_sequence makes them), got ", p[t - 1 < 0 ? 0 : t - 1], " then ", p[t],
+                  " at step ", t);
+      s.batch[t] = p[t];
+      s.offset[t] = total;
+      total += p[t];
+    }
+    TORCH_CHECK(total == input.size(0), "seqfast: batch_sizes sum to ", total,
+                " but the packed data has ", input.size(0), " rows");
+    s.tokens = total;
+    s.max_batch = T > 0 ? p[0] : 0;
+  }
+  TORCH_CHECK(s.steps() > 0, "Expected sequence length to be larger than 0 in RNN");
+  return s;
+}
+
+// ------------------------------------------------------------------------------------------------
+struct LayerDims {
+  CellKind kind;
+  int64_t G, H, P, I, B, N;
+  bool projected;
+};
+
+void check_vector(const OptTensor& t, const char* name, int64_t size, const Tensor& input) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == size, "seqfast: ", name, " must have shape (", size,
+              "), got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == input.scalar_type() && t->device() == input.device(), "seqfast: ",
+              name, " must be ", input.scalar_type(), " on ", input.device(), ", got ",
+              t->scalar_type(), " on ", t->device());
+}
+
+void check_matrix(const Tensor& t, const char* name, int64_t rows, int64_t cols,
+                  const Tensor& input) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "seqfast: ", name,
+              " must have shape (", rows, ", ", cols, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type() && t.device() == input.device(), "seqfast: ",
+              name, " must be ", input.scalar_type(), " on ", input.device(), ", got ",
+              t.scalar_type(), " on ", t.device());
+}
+
+LayerDims check_layer(const Tensor& input, const Schedule& s, const Tensor& hx, const OptTensor& cx,
+                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                      const OptTensor& b_hh, const OptTensor& w_hr, int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 3, "seqfast: mode must be 0 (LSTM), 1 (GRU), 2 (RNN tanh) or 3 "
+              "(RNN relu), got ", mode);
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "seqfast: the fused CPU kernels support float32 and float64, got ", input.scalar_type());
+  LayerDims d;
+  d.kind = static_cast<CellKind>(mode);
+  d.G = gate_count(d.kind);
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % d.G == 0 && w_ih.size(0) > 0,
+              "seqfast: w_ih must be 2-D with a positive multiple of ", d.G, " rows, got ",
+              w_ih.sizes());
+  d.H = w_ih.size(0) / d.G;
+  d.I = input.size(-1);
+  d.projected = w_hr.has_value();
+  TORCH_CHECK(!d.projected || d.kind == CellKind::LSTM, "seqfast: w_hr (projection) is LSTM-only");
+  d.P = d.projected ? w_hr->size(0) : d.H;
+  d.B = s.max_batch;
+  d.N = s.tokens;
+  check_matrix(w_ih, "w_ih", d.G * d.H, d.I, input);
+  check_matrix(w_hh, "w_hh", d.G * d.H, d.P, input);
+  if (d.projected) check_matrix(*w_hr, "w_hr", d.P, d.H, input);
+  check_vector(b_ih, "b_ih", d.G * d.H, input);
+  check_vector(b_hh, "b_hh", d.G * d.H, input);
+  check_matrix(hx, "hx", d.B, d.P, input);
+  if (d.kind == CellKind::LSTM) {
+    TORCH_CHECK(cx.has_value(), "seqfast: LSTM needs cx");
+    check_matrix(*cx, "cx", d.B, d.H, input);
+  } else {
+    TORCH_CHECK(!cx.has_value(), "seqfast: cx is only for LSTM");
+  }
+  return d;
+}
+
+// Rows per parallel chunk: enough pointwise work to be worth a thread.
+int64_t row_grain(const LayerDims& d) { return std::max<int64_t>(1, 16384 / (d.G * d.H)); }
+
+template <typename T>
+T* rows_of(const Tensor& t, int64_t row, int64_t width) {
+  return t.data_ptr<T>() + row * width;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Fused pointwise passes over rows [b0, b1) of one step. Every pointer is the step's row 0; row b of an
+// (rows, w) matrix is at +b*w. `Save` selects whether the activations for the backward are stored.
+
+template <typename T>
+struct LstmForwardStep {
+  const T* gx;    // (bs, 4H) x W_ih^T + b_ih
+  const T* gh;    // (bs, 4H) h_prev W_hh^T
+  const T* b_hh;  // (4H)
+  T* c;           // (B, H) cell state, updated in place
+  T* h;           // (bs, H) o*tanh(c'): output rows, or the h_unproj rows when projecting
+  T* act;         // (bs, 4H) saved i, f, g, o
+  T* tanh_c;      // (bs, H) saved tanh(c')
+  T* c_prev;      // (bs, H) saved c
+};
+
+template <typename T, bool Save>
+SEQFAST_CPU_MULTIVERSION void lstm_forward_rows(const LstmForwardStep<T>& p, int64_t H, int64_t b0,
+                                                int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* __restrict gx = p.gx + b * 4 * H;
+    const T* __restrict gh = p.gh + b * 4 * H;
+    const T* __restrict bh = p.b_hh;
+    T* __restrict c = p.c + b * H;
+    T* __restrict h = p.h + b * H;
+    T* __restrict act = Save ? p.act + b * 4 * H : nullptr;
+    T* __restrict tanh_c = Save ? p.tanh_c + b * H : nullptr;
+    T* __restrict c_prev = Save ? p.c_prev + b * H : nullptr;
+    for (int64_t j = 0; j < H; ++j) {
+      T i, f, g, o, c_new, tc, h_new;
+      const T cp = c[j];
+      lstm_pointwise_forward(gx[j] + gh[j] + bh[j], gx[H + j] + gh[H + j] + bh[H + j],
+                             gx[2 * H + j] + gh[2 * H + j] + bh[2 * H + j],
+                             gx[3 * H + j] + gh[3 * H + j] + bh[3 * H + j], cp, i, f, g, o, c_new,
+                             tc, h_new);
+      c[j] = c_new;
+      h[j] = h_new;
+      if (Save) {
+        act[j] = i;
+        act[H + j] = f;
+        act[2 * H + j] = g;
+        act[3 * H + j] = o;
+        tanh_c[j] = tc;
+        c_prev[j] = cp;
+      }
+    }
+  }
+}
+
+template <typename T>
+struct GruForwardStep {
+  const T* gx;      // (bs, 3H) x W_ih^T + b_ih
+  const T* gh;      // (bs, 3H) h_prev W_hh^T (no bias)
+  const T* b_hh;    // (3H)
+  const T* h_prev;  // (bs, H)
+  T* h;             // (bs, H) output rows
+  T* act;           // (bs, 3H) saved r, z, n
+  T* gh_n;          // (bs, H) saved W_hn h + b_hn
+};
+
+template <typename T, bool Save>
+SEQFAST_CPU_MULTIVERSION void gru_forward_rows(const GruForwardStep<T>& p, int64_t H, int64_t b0,
+                                               int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* __restrict gx = p.gx + b * 3 * H;
+    const T* __restrict gh = p.gh + b * 3 * H;
+    const T* __restrict bh = p.b_hh;
+    const T* __restrict hp = p.h_prev + b * H;
+    T* __restrict h = p.h + b * H;
+    T* __restrict act = Save ? p.act + b * 3 * H : nullptr;
+    T* __restrict ghn_saved = Save ? p.gh_n + b * H : nullptr;
+    for (int64_t j = 0; j < H; ++j) {
+      T r, z, n, h_new;
+      const T ghn = gh[2 * H + j] + bh[2 * H + j];
+      gru_pointwise_forward(gx[j], gx[H + j], gx[2 * H + j], gh[j] + bh[j], gh[H + j] + bh[H + j], ghn,
+                            hp[j], r, z, n, h_new);
+      h[j] = h_new;
+      if (Save) {
+        act[j] = r;
+        act[H + j] = z;
+        act[2 * H + j] = n;
+        ghn_saved[j] = ghn;
+      }
+    }
+  }
+}
+
+template <typename T>
+struct RnnForwardStep {
+  const T* gx;    // (bs, H)
+  const T* gh;    // (bs, H)
+  const T* b_hh;  // (H)
+  T* h;           // (bs, H) output rows
+};
+
+template <typename T, Activation A>
+SEQFAST_CPU_MULTIVERSION void rnn_forward_rows(const RnnForwardStep<T>& p, int64_t H, int64_t b0,
+                                               int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* __restrict gx = p.gx + b * H;
+    const T* __restrict gh = p.gh + b * H;
+    const T* __restrict bh = p.b_hh;
+    T* __restrict h = p.h + b * H;
+    for (int64_t j = 0; j < H; ++j) h[j] = rnn_pointwise_forward<A>(gx[j] + gh[j] + bh[j]);
+  }
+}
+
+template <typename T>
+struct LstmBackwardStep {
+  const T* act;     // (bs, 4H)
+  const T* tanh_c;  // (bs, H)
+  const T* c_prev;  // (bs, H)
+  const T* dh;      // (bs, H) gradient w.r.t. the step's unprojected h
+  T* dc;            // (B, H) in: dL/dc' from step t+1; out: dL/dc_prev
+  T* dgates;        // (bs, 4H) out: gradients of the pre-activations
+};
+
+template <typename T>
+SEQFAST_CPU_MULTIVERSION void lstm_backward_rows(const LstmBackwardStep<T>& p, int64_t H, int64_t b0,
+                                                 int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* __restrict act = p.act + b * 4 * H;
+    const T* __restrict tc = p.tanh_c + b * H;
+    const T* __restrict cp = p.c_prev + b * H;
+    const T* __restrict dh = p.dh + b * H;
+    T* __restrict dc = p.dc + b * H;
+    T* __restrict dg = p.dgates + b * 4 * H;
+    for (int64_t j = 0; j < H; ++j) {
+      T di, df, dgg, dout, dcp;
+      lstm_pointwise_backward(act[j], act[H + j], act[2 * H + j], act[3 * H + j], tc[j], cp[j], dh[j],
+                              dc[j], di, df, dgg, dout, dcp);
+      dg[j] = di;
+      dg[H + j] = df;
+      dg[2 * H + j] = dgg;
+      dg[3 * H + j] = dout;
+      dc[j] = dcp;
+    }
+  }
+}
+
+template <typename T>
+struct GruBackwardStep {
+  const T* act;     // (bs, 3H) r, z, n
+  const T* gh_n;    // (bs, H)
+  const T* h_prev;  // (bs, H)
+  const T* dh;      // (bs, H)
+  T* dgi;           // (bs, 3H) out: grads of x W_ih^T + b_ih
+  T* dgh;           // (bs, 3H) out: grads of h W_hh^T + b_hh
+  T* dh_prev;       // (B, H) out: the part of dL/dh_prev that bypasses W_hh
+};
+
+template <typename T>
+SEQFAST_CPU_MULTIVERSION void gru_backward_rows(const GruBackwardStep<T>& p, int64_t H, int64_t b0,
+                                                int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* __restrict act = p.act + b * 3 * H;
+    const T* __restrict ghn = p.gh_n + b * H;
+    const T* __restrict hp = p.h_prev + b * H;
+    const T* __restrict dh = p.dh + b * H;
+    T* __restrict dgi = p.dgi + b * 3 * H;
+    T* __restrict dgh = p.dgh + b * 3 * H;
+    T* __restrict dhp = p.dh_prev + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      T dr, dz, dn_i, dn_h, direct;
+      gru_pointwise_backward(act[j], act[H + j], act[2 * H + j], ghn[j], hp[j], dh[j], dr, dz, dn_i,
+                             dn_h, direct);
+      dgi[j] = dr;
+      dgi[H + j] = dz;
+      dgi[2 * H + j] = dn_i;
+      dgh[j] = dr;
+      dgh[H + j] = dz;
+      dgh[2 * H + j] = dn_h;
+      dhp[j] = direct;
+    }
+  }
+}
+
+template <typename T, Activation A>
+SEQFAST_CPU_MULTIVERSION void rnn_backward_rows(const T* h, const T* dh, T* dpre, int64_t H,
+                                                int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* __restrict hr = h + b * H;
+    const T* __restrict dhr = dh + b * H;
+    T* __restrict out = dpre + b * H;
+    for (int64_t j = 0; j < H; ++j) out[j] = rnn_pointwise_backward<A>(hr[j], dhr[j]);
+  }
+}
+
+template <typename F>
+void parallel_rows(int64_t rows, int64_t grain, const F& f) {
+  if (rows <= grain) {
+    f(0, rows);
+  } else {
+    at::parallel_for(0, rows, grain, f);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
+    const Tensor& input, const Schedule& s, const LayerDims& d, const Tensor& hx, const OptTensor& cx,
+    const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+    const OptTensor& w_hr, bool reverse, bool training) {
+  const int64_t N = s.tokens, H = d.H, P = d.P, GH = d.G * d.H, B = d.B;
+  const auto opts = input.options();
+  const bool is_lstm = d.kind == CellKind::LSTM, is_gru = d.kind == CellKind::GRU;
+
+  const Tensor x = input.reshape({N, d.I});
+  const Tensor gx = b_ih.has_value() ? at::addmm(*b_ih, x, w_ih.t()) : at::mm(x, w_ih.t());
+  const Tensor bias_hh = b_hh.has_value() ? b_hh->contiguous() : at::zeros({GH}, opts);
+
+  Tensor output = at::empty({N, P}, opts);
+  Tensor h_state = hx.clone(at::MemoryFormat::Contiguous);
+  Tensor c_state = is_lstm ? cx->clone(at::MemoryFormat::Contiguous) : at::empty({0}, opts);
+
+  const WorkspaceLayout L(d.kind, H, P, d.projected);
+  Tensor ws = at::empty({training ? N * L.columns : 0}, opts);
+  auto ws_block = [&](int64_t col, int64_t row, int64_t width) -> T* {
+    return ws.data_ptr<T>() + L.block(col, N) + row * width;
+  };
+  // Unprojected LSTM output when projecting: saved rows when training, else a per-step scratch.
+  Tensor h_unproj_scratch = d.projected && !training ? at::empty({B, H}, opts) : Tensor();
+
+  RowGemm recurrent(w_hh, B);
+  std::optional<RowGemm> projection;
+  if (d.projected) projection.emplace(*w_hr, B);
+  const int64_t grain = row_grain(d);
+
+  for (int64_t step = 0; step < s.steps(); ++step) {
+    const int64_t t = reverse ? s.steps() - 1 - step : step;
+    const int64_t bs = s.batch[t], row0 = s.offset[t];
+    if (bs == 0) continue;
+    const Tensor h_prev = h_state.narrow(0, 0, bs);
+    if (training) {
+      std::memcpy(ws_block(L.h_prev, row0, P), h_prev.data_ptr<T>(), sizeof(T) * bs * P);
+    }
+    const Tensor gh = recurrent.compute(h_prev);
+    const T* gx_rows = rows_of<T>(gx, row0, GH);
+    T* out_rows = rows_of<T>(output, row0, P);
+
+    if (is_lstm) {
+      LstmForwardStep<T> p;
+      p.gx = gx_rows;
+      p.gh = gh.data_ptr<T>();
+      p.b_hh = bias_hh.data_ptr<T>();
+      p.c = c_state.data_ptr<T>();
+      p.h = !d.projected ? out_rows
+                         : (training ? ws_block(L.h_unproj, row0, H) : h_unproj_scratch.data_ptr<T>());
+      if (training) {
+        p.act = ws_block(L.act, row0, 4 * H);
+        p.tanh_c = ws_block(L.tanh_c, row0, H);
+        p.c_prev = ws_block(L.c_prev, row0, H);
+        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { lstm_forward_rows<T, true>(p, H, b0, b1); });
+      } else {
+        p.act = p.tanh_c = p.c_prev = nullptr;
+        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { lstm_forward_rows<T, false>(p, H, b0, b1); });
+      }
+      if (d.projected) {
+        const Tensor h_unproj = at::from_blob(p.h, {bs, H}, opts);
+        projection->compute_into(h_unproj, output.narrow(0, row0, bs), /*accumulate=*/false);
+      }
+    } else if (is_gru) {
+      GruForwardStep<T> p;
+      p.gx = gx_rows;
+      p.gh = gh.data_ptr<T>();
+      p.b_hh = bias_hh.data_ptr<T>();
+      p.h_prev = h_state.data_ptr<T>();
+      p.h = out_rows;
+      if (training) {
+        p.act = ws_block(L.act, row0, 3 * H);
+        p.gh_n = ws_block(L.gh_n, row0, H);
+        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { gru_forward_rows<T, true>(p, H, b0, b1); });
+      } else {
+        p.act = p.gh_n = nullptr;
+        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { gru_forward_rows<T, false>(p, H, b0, b1); });
+      }
+    } else {
+      RnnForwardStep<T> p{gx_rows, gh.data_ptr<T>(), bias_hh.data_ptr<T>(), out_rows};
+      if (d.kind == CellKind::RNN_TANH) {
+        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { rnn_forward_rows<T, Activation::Tanh>(p, H, b0, b1); });
+      } else {
+        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { rnn_forward_rows<T, Activation::Relu>(p, H, b0, b1); });
+      }
+    }
+    // The step's output is the next step's h for the rows that continue; rows >= bs keep their last
+    // state, which is what h_n holds for sequences that already ended.
+    std::memcpy(h_state.data_ptr<T>(), out_rows, sizeof(T) * bs * P);
+  }
+
+  const auto out_shape = [&] {
+    auto sizes = input.sizes().vec();
+    sizes.back() = P;
+    return sizes;
+  }();
+  return {output.view(out_shape), h_state, c_state, ws};
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
+    const Tensor& grad_output, const Tensor& grad_hy, const OptTensor& grad_cy, const Tensor& input,
+    const Schedule& s, const LayerDims& d, const Tensor& w_ih, const Tensor& w_hh,
+    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& output,
+    const Tensor& ws, bool reverse) {
+  const int64_t N = s.tokens, H = d.H, P = d.P, GH = d.G * d.H, B = d.B;
+  const auto opts = input.options();
+  const bool is_lstm = d.kind == CellKind::LSTM, is_gru = d.kind == CellKind::GRU;
+  const WorkspaceLayout L(d.kind, H, P, d.projected);
+  TORCH_CHECK(ws.numel() == N * L.columns,
+              "seqfast: recurrent_layer_backward needs the workspace of a forward run with "
+              "training=True (got ", ws.numel(), " elements, expected ", N * L.columns, ")");
+  auto ws_block = [&](int64_t col, int64_t row, int64_t width) -> const T* {
+    return ws.data_ptr<T>() + L.block(col, N) + row * width;
+  };
+  auto ws_matrix = [&](int64_t col, int64_t width) {
+    return ws.narrow(0, L.block(col, N), N * width).view({N, width});
+  };
+
+  const Tensor gout = grad_output.reshape({N, P}).contiguous();
+  const Tensor out2d = output.reshape({N, P}).contiguous();
+  Tensor dh_state = grad_hy.clone(at::MemoryFormat::Contiguous);
+  Tensor dc_state = !is_lstm ? at::empty({0}, opts)
+                    : (grad_cy.has_value() ? grad_cy->clone(at::MemoryFormat::Contiguous)
+                                           : at::zeros({B, H}, opts));
+  // dgi: gradients of x W_ih^T + b_ih per token; dgh of h W_hh^T + b_hh (the same matrix but for GRU).
+  Tensor dgi = at::empty({N, GH}, opts);
+  Tensor dgh = is_gru ? at::empty({N, GH}, opts) : dgi;
+  Tensor dh_proj = d.projected ? at::empty({N, P}, opts) : Tensor();  // dL/d(projected h), per token
+  Tensor dh_scratch = at::empty({B, d.projected ? H : P}, opts);
+
+  RowGemm recurrent_t(w_hh.t(), B);  // dh_prev = dgh @ W_hh
+  std::optional<RowGemm> projection_t;
+  if (d.projected) projection_t.emplace(w_hr->t(), B);  // dh = dh_proj @ W_hr
+  const int64_t grain = row_grain(d);
+
+  for (int64_t step = s.steps() - 1; step >= 0; --step) {
+    const int64_t t = reverse ? s.steps() - 1 - step : step;
+    const int64_t bs = s.batch[t], row0 = s.offset[t];
+    if (bs == 0) continue;
+    Tensor dh_rows = dh_state.narrow(0, 0, bs);
+    // Total gradient w.r.t. this step's h: from the output and from step t+1 (or h_n).
+    Tensor dh;
+    if (d.projected) {
+      Tensor dh_p = dh_proj.narrow(0, row0, bs);
+      at::add_out(dh_p, dh_rows, gout.narrow(0, row0, bs));
+      dh = dh_scratch.narrow(0, 0, bs);
+      projection_t->compute_into(dh_p, dh, /*accumulate=*/false);
+    } else {
+      dh = dh_scratch.narrow(0, 0, bs);
+      at::add_out(dh, dh_rows, gout.narrow(0, row0, bs));
+    }
+    const T* dh_p = dh.data_ptr<T>();
+    T* dgi_rows = rows_of<T>(dgi, row0, GH);
+
+    if (is_lstm) {
+      LstmBackwardStep<T> p{ws_block(L.act, row0, 4 * H), ws_block(L.tanh_c, row0, H),
+                            ws_block(L.c_prev, row0, H), dh_p, dc_state.data_ptr<T>(), dgi_rows};
+      parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { lstm_backward_rows<T>(p, H, b0, b1); });
+      recurrent_t.compute_into(dgi.narrow(0, row0, bs), dh_rows, /*accumulate=*/false);
+    } else if (is_gru) {
+      GruBackwardStep<T> p{ws_block(L.act, row0, 3 * H), ws_block(L.gh_n, row0, H),
+                           ws_block(L.h_prev, row0, H), dh_p, dgi_rows, rows_of<T>(dgh, row0, GH),
+                           dh_state.data_ptr<T>()};
+      parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { gru_backward_rows<T>(p, H, b0, b1); });
+      recurrent_t.compute_into(dgh.narrow(0, row0, bs), dh_rows, /*accumulate=*/true);
+    } else {
+      const T* h_rows = rows_of<T>(out2d, row0, P);
+      if (d.kind == CellKind::RNN_TANH) {
+        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { rnn_backward_rows<T, Activation::Tanh>(h_rows, dh_p, dgi_rows, H, b0, b1); });
+      } else {
+        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { rnn_backward_rows<T, Activation::Relu>(h_rows, dh_p, dgi_rows, H, b0, b1); });
+      }
+      recurrent_t.compute_into(dgi.narrow(0, row0, bs), dh_rows, /*accumulate=*/false);
+    }
+  }
+
+  // The weight, input and bias gradients: one GEMM / one reduction each, over all tokens.
+  const Tensor x = input.reshape({N, d.I});
+  Tensor grad_input = at::mm(dgi, w_ih).view(input.sizes());
+  Tensor grad_w_ih = at::mm(dgi.t(), x);
+  Tensor grad_w_hh = at::mm(dgh.t(), ws_matrix(L.h_prev, P));
+  Tensor grad_b_ih = b_ih.has_value() ? dgi.sum(0) : at::empty({0}, opts);
+  Tensor grad_b_hh = !b_hh.has_value() ? at::empty({0}, opts)
+                     : (is_gru || !b_ih.has_value() ? dgh.sum(0) : grad_b_ih.clone());
+  Tensor grad_w_hr = d.projected ? at::mm(dh_proj.t(), ws_matrix(L.h_unproj, H)) : at::empty({0}, opts);
+  return {grad_input, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
+}
+
+// ------------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor, Tensor> recurrent_layer_forward_cpu(
+    const Tensor& input, const OptTensor& batch_sizes, const Tensor& hx, const OptTensor& cx,
+    const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+    const OptTensor& w_hr, int64_t mode, bool reverse, bool training) {
+  const Schedule s = make_schedule(input, batch_sizes);
+  const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode);
+  return AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "recurrent_layer_forward", [&] {
+    return layer_forward<scalar_t>(input, s, d, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+                                   training);
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+recurrent_layer_backward_cpu(const Tensor& grad_output, const Tensor& grad_hy,
+                             const OptTensor& grad_cy, const Tensor& input,
+                             const OptTensor& batch_sizes, const Tensor& hx, const OptTensor& cx,
+                             const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                             const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& output,
+                             const Tensor& workspace, int64_t mode, bool reverse) {
+  const Schedule s = make_schedule(input, batch_sizes);
+  const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode);
+  TORCH_CHECK(grad_output.numel() == d.N * d.P && grad_hy.sizes() == hx.sizes(),
+              "seqfast: recurrent_layer_backward: gradient shapes do not match the forward");
+  return AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "recurrent_layer_backward", [&] {
+    return layer_backward<scalar_t>(grad_output, grad_hy, grad_cy, input, s, d, w_ih, w_hh, b_ih,
+                                    b_hh, w_hr, output, workspace, reverse);
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace seqfast
+
+TORCH_LIBRARY_IMPL(seqfast, CPU, m) {
+  m.impl("recurrent_layer_forward", &seqfast::cpu::recurrent_layer_forward_cpu);
+  m.impl("recurrent_layer_backward", &seqfast::cpu::recurrent_layer_backward_cpu);
+}

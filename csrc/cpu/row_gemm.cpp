@@ -1,0 +1,92 @@
+#include "row_gemm.h"
+
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace seqfast {
+namespace cpu {
+namespace {
+
+// torch's registered oneDNN linear ops, looked up once. Absent in builds without oneDNN.
+struct OneDnnOps {
+  std::optional<c10::OperatorHandle> reorder;  // mkldnn::_reorder_linear_weight(Tensor, int?)
+  std::optional<c10::OperatorHandle> linear;   // mkldnn::_linear_pointwise(X, W, B?, attr, scalars, algo?)
+
+  OneDnnOps() {
+    const char* off = std::getenv("SEQFAST_DISABLE_ONEDNN");
+    if (off != nullptr && std::strcmp(off, "0") != 0) return;
+    if (!at::hasMKLDNN()) return;
+    auto& dispatcher = c10::Dispatcher::singleton();
+    reorder = dispatcher.findSchema({"mkldnn::_reorder_linear_weight", ""});
+    linear = dispatcher.findSchema({"mkldnn::_linear_pointwise", ""});
+    if (!reorder || !linear) {
+      reorder.reset();
+      linear.reset();
+    }
+  }
+  bool available() const { return linear.has_value(); }
+};
+
+const OneDnnOps& onednn_ops() {
+  static OneDnnOps ops;
+  return ops;
+}
+
+// Boxed calls: the ops are registered by torch with their own C++ signatures, so going through the
+// boxed interface avoids depending on them. The boxing costs ~1-2 us per call, small against a GEMM
+// that is worth sending to oneDNN at all.
+at::Tensor onednn_reorder(const at::Tensor& weight, int64_t max_rows) {
+  torch::jit::Stack stack{weight.contiguous(), c10::IValue(max_rows)};
+  onednn_ops().reorder->callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
+
+at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& packed) {
+  c10::impl::GenericList no_scalars(c10::OptionalType::create(c10::NumberType::get()));
+  torch::jit::Stack stack{a, packed, c10::IValue(), c10::IValue("none"), c10::IValue(no_scalars),
+                          c10::IValue()};
+  onednn_ops().linear->callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
+
+}  // namespace
+
+RowGemm::RowGemm(const at::Tensor& weight, int64_t max_rows) {
+  TORCH_INTERNAL_ASSERT(weight.dim() == 2);
+  weight_t_ = weight.t();
+  if (weight.scalar_type() == at::kFloat && weight.device().is_cpu() && onednn_ops().available() &&
+      weight.numel() > 0 && max_rows > 0) {
+    packed_ = onednn_reorder(weight, max_rows);
+  } else {
+    buffer_ = at::empty({std::max<int64_t>(max_rows, 0), weight.size(0)}, weight.options());
+  }
+}
+
+at::Tensor RowGemm::compute(const at::Tensor& a) {
+  if (packed_.defined()) return onednn_linear(a, packed_);
+  at::Tensor out = buffer_.narrow(0, 0, a.size(0));
+  at::mm_out(out, a, weight_t_);
+  return out;
+}
+
+void RowGemm::compute_into(const at::Tensor& a, const at::Tensor& out, bool accumulate) {
+  if (packed_.defined()) {
+    at::Tensor y = onednn_linear(a, packed_);
+    if (accumulate) {
+      out.add_(y);
+    } else {
+      out.copy_(y);
+    }
+  } else if (accumulate) {
+    out.addmm_(a, weight_t_);
+  } else {
+    auto o = out;
+    at::mm_out(o, a, weight_t_);
+  }
+}
+
+}  // namespace cpu
+}  // namespace seqfast

@@ -1,0 +1,4 @@
+"""seqfast.nn: drop-in recurrent layers and cells backed by fused kernels."""
+from .rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]

@@ -1,0 +1,304 @@
+"""Drop-in replacements for torch.nn.LSTM / GRU / RNN and the three cells.
+
+The layers subclass torch.nn.RNNBase, as torch's own do, so parameters, state_dict keys,
+`_flat_weights`, `reset_parameters` and `repr` are torch's. They deliberately do NOT subclass
+torch.nn.LSTM/GRU/RNN: dynamo refuses to trace instances of those three classes, and seqfast layers
+are meant to work under torch.compile(fullgraph=True). Argument checking reuses torch's own methods,
+so errors carry torch's exact types and messages.
+
+float32/float64 inputs on a device with seqfast kernels run the fused kernels (one op call per layer
+and direction, the time loop in C++). Any other dtype (float16, bfloat16) or device is delegated to
+torch's own implementation (torch._VF), documented in the README.
+"""
+import torch
+import torch.nn.functional as F
+from torch import _VF, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .. import ops
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def _has_fused_kernel(t: torch.Tensor) -> bool:
+    if t.dtype not in _FUSED_DTYPES:
+        return False
+    if t.device.type == "cpu":
+        return True
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        "seqfast::recurrent_layer_forward", t.device.type.upper())
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class _FusedRNNBase(nn.RNNBase):
+    """Shared forward of LSTM, GRU and RNN; `mode` is torch's string ('LSTM', 'GRU', 'RNN_TANH'...)."""
+
+    def _layer_weights(self, index):
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of flat layer-direction `index`, None where absent."""
+        per = len(self._flat_weights) // (self.num_layers * (2 if self.bidirectional else 1))
+        group = self._flat_weights[index * per:(index + 1) * per]
+        w_ih, w_hh = group[0], group[1]
+        b_ih, b_hh = (group[2], group[3]) if self.bias else (None, None)
+        w_hr = group[-1] if self.proj_size > 0 else None
+        return w_ih, w_hh, b_ih, b_hh, w_hr
+
+    def _run_fused(self, input, batch_sizes, h0, c0):
+        """input: (T, B, I) time-major, or packed data (N, I). Returns output, h_n, c_n (or None)."""
+        mode = ops.MODES[self.mode]
+        directions = 2 if self.bidirectional else 1
+        training = _needs_grad([input, h0, c0, *self._flat_weights])
+        layer_input = input
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                output, hy, cy = ops.recurrent_layer(
+                    layer_input, batch_sizes, h0[index], c0[index] if c0 is not None else None,
+                    *self._layer_weights(index), mode, direction == 1, training)
+                outputs.append(output)
+                h_n.append(hy)
+                c_n.append(cy)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, -1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, True)
+        return layer_input, torch.stack(h_n), torch.stack(c_n) if c0 is not None else None
+
+    def _run_torch(self, input, batch_sizes, hx):
+        """torch's own implementation, for dtypes/devices without a fused kernel."""
+        fn = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}[self.mode]
+        if batch_sizes is None:
+            result = fn(input, hx, self._flat_weights, self.bias, self.num_layers, self.dropout,
+                        self.training, self.bidirectional, self.batch_first)
+        else:
+            result = fn(input, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers,
+                        self.dropout, self.training, self.bidirectional)
+        return (result[0], result[1:]) if self.mode == "LSTM" else (result[0], result[1])
+
+    def _run(self, input, batch_sizes, hx):
+        """Dispatch between the fused kernels and torch; returns (output, hidden) like torch's _VF."""
+        is_lstm = self.mode == "LSTM"
+        if not _has_fused_kernel(input):
+            return self._run_torch(input, batch_sizes, hx)
+        h0, c0 = hx if is_lstm else (hx, None)
+        time_major = batch_sizes is None and self.batch_first
+        if time_major:
+            input = input.transpose(0, 1)
+        output, h_n, c_n = self._run_fused(input, batch_sizes, h0, c0)
+        if time_major:
+            output = output.transpose(0, 1)
+        return output, ((h_n, c_n) if is_lstm else h_n)
+
+    def _zeros_hidden(self, input, max_batch_size):
+        directions = 2 if self.bidirectional else 1
+        state = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h = torch.zeros(self.num_layers * directions, max_batch_size, state, dtype=input.dtype,
+                        device=input.device)
+        if self.mode != "LSTM":
+            return h
+        c = torch.zeros(self.num_layers * directions, max_batch_size, self.hidden_size,
+                        dtype=input.dtype, device=input.device)
+        return h, c
+
+    def forward(self, input, hx=None):
+        self._update_flat_weights()
+        is_lstm = self.mode == "LSTM"
+        name = {"LSTM": "LSTM", "GRU": "GRU"}.get(self.mode, "RNN")
+        orig_input = input
+        is_batched = True
+        batch_dim = 0 if self.batch_first else 1
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            if hx is None:
+                hx = self._zeros_hidden(input, batch_sizes[0])
+            elif is_lstm:
+                # torch's LSTM skips this check for packed input and fails deeper down; check first.
+                self.check_forward_args(input, hx, batch_sizes)
+                hx = self.permute_hidden(hx, sorted_indices)
+            else:
+                hx = self.permute_hidden(hx, sorted_indices)
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                what = "tensor " if name == "RNN" else ""
+                raise ValueError(
+                    f"{name}: Expected input to be 2D or 3D, got {input.dim()}D {what}instead")
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            if hx is None:
+                hx = self._zeros_hidden(input, input.size(batch_dim))
+            elif is_lstm:
+                want = 3 if is_batched else 2
+                if hx[0].dim() != want or hx[1].dim() != want:
+                    kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                    raise RuntimeError(
+                        f"For {kind} input, hx and cx should also be {want}-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                if not is_batched:
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            else:
+                if is_batched and hx.dim() != 3:
+                    raise RuntimeError(
+                        f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+                if not is_batched:
+                    if hx.dim() != 2:
+                        raise RuntimeError(
+                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
+                    hx = hx.unsqueeze(1)
+        self.check_forward_args(input, hx, batch_sizes)
+
+        output, hidden = self._run(input, batch_sizes, hx)
+
+        if isinstance(orig_input, PackedSequence):
+            packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return packed, self.permute_hidden(hidden, unsorted_indices)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1)) if is_lstm else hidden.squeeze(1)
+        return output, hidden
+
+
+class LSTM(_FusedRNNBase):
+    """Drop-in for torch.nn.LSTM (same arguments, parameters, outputs and errors), with fused kernels."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    # torch.nn.LSTM's own hidden-state checks (hidden[0]/hidden[1] messages) and permutation.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+
+class GRU(_FusedRNNBase):
+    """Drop-in for torch.nn.GRU, with fused kernels."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+
+class RNN(_FusedRNNBase):
+    """Drop-in for torch.nn.RNN (tanh or relu), with fused kernels."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(
+                f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(mode, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cells: one time step of the same fused layer kernel (T = 1).
+
+def _check_cell_input(input, hidden_states, input_size, hidden_size):
+    """The checks torch's C++ cells make (ATen/native/RNN.cpp), with the same messages."""
+    if input.size(1) != input_size:
+        raise RuntimeError(
+            f"input has inconsistent input_size: got {input.size(1)} expected {input_size}")
+    for label, h in enumerate(hidden_states):
+        if input.size(0) != h.size(0):
+            raise RuntimeError(
+                f"Input batch size {input.size(0)} doesn't match hidden{label} batch size {h.size(0)}")
+        if h.size(1) != hidden_size:
+            raise RuntimeError(
+                f"hidden{label} has inconsistent hidden_size: got {h.size(1)}, expected {hidden_size}")
+
+
+def _cell_step(cell, mode, input, h, c):
+    training = _needs_grad([input, h, c, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh])
+    _, hy, cy = ops.recurrent_layer(input.unsqueeze(0), None, h, c, cell.weight_ih, cell.weight_hh,
+                                    cell.bias_ih, cell.bias_hh, None, mode, False, training)
+    return hy, cy
+
+
+class LSTMCell(nn.LSTMCell):
+    """Drop-in for torch.nn.LSTMCell, with the fused kernel."""
+
+    def forward(self, input, hx=None):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(
+                        f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+        if not _has_fused_kernel(input):
+            return super().forward(input, hx)
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = (zeros, zeros)
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        _check_cell_input(input, hx, self.input_size, self.hidden_size)
+        hy, cy = _cell_step(self, ops.MODES["LSTM"], input, hx[0], hx[1])
+        return (hy, cy) if is_batched else (hy.squeeze(0), cy.squeeze(0))
+
+
+class _SingleStateCell:
+    """forward() shared by GRUCell and RNNCell (one hidden state)."""
+
+    _name = ""
+
+    def _mode(self):
+        raise NotImplementedError
+
+    def forward(self, input, hx=None):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"{self._name}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        if not _has_fused_kernel(input):
+            return super().forward(input, hx)
+        mode = self._mode()
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+        elif not is_batched:
+            hx = hx.unsqueeze(0)
+        _check_cell_input(input, (hx,), self.input_size, self.hidden_size)
+        hy, _ = _cell_step(self, mode, input, hx, None)
+        return hy if is_batched else hy.squeeze(0)
+
+
+class GRUCell(_SingleStateCell, nn.GRUCell):
+    """Drop-in for torch.nn.GRUCell, with the fused kernel."""
+
+    _name = "GRUCell"
+
+    def _mode(self):
+        return ops.MODES["GRU"]
+
+
+class RNNCell(_SingleStateCell, nn.RNNCell):
+    """Drop-in for torch.nn.RNNCell (tanh or relu), with the fused kernel."""
+
+    _name = "RNNCell"
+
+    def _mode(self):
+        if self.nonlinearity == "tanh":
+            return ops.MODES["RNN_TANH"]
+        if self.nonlinearity == "relu":
+            return ops.MODES["RNN_RELU"]
+        raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
