@@ -169,36 +169,39 @@ struct LstmForwardStep {
   T* c_prev;      // (bs, H) saved c
 };
 
+// The per-row loops take __restrict pointer parameters (GCC ignores restrict on locals), so each
+// inner loop vectorizes without alias checks.
+template <typename T, bool Save>
+inline __attribute__((always_inline)) void lstm_forward_row(
+    int64_t H, const T* __restrict gx, const T* __restrict gh, const T* __restrict bh,
+    T* __restrict c, T* __restrict h, T* __restrict act, T* __restrict tanh_c, T* __restrict c_prev) {
+  for (int64_t j = 0; j < H; ++j) {
+    T i, f, g, o, c_new, tc, h_new;
+    const T cp = c[j];
+    lstm_pointwise_forward(gx[j] + gh[j] + bh[j], gx[H + j] + gh[H + j] + bh[H + j],
+                           gx[2 * H + j] + gh[2 * H + j] + bh[2 * H + j],
+                           gx[3 * H + j] + gh[3 * H + j] + bh[3 * H + j], cp, i, f, g, o, c_new, tc,
+                           h_new);
+    c[j] = c_new;
+    h[j] = h_new;
+    if (Save) {
+      act[j] = i;
+      act[H + j] = f;
+      act[2 * H + j] = g;
+      act[3 * H + j] = o;
+      tanh_c[j] = tc;
+      c_prev[j] = cp;
+    }
+  }
+}
+
 template <typename T, bool Save>
 SEQFAST_CPU_MULTIVERSION void lstm_forward_rows(const LstmForwardStep<T>& p, int64_t H, int64_t b0,
                                                 int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
-    const T* __restrict gx = p.gx + b * 4 * H;
-    const T* __restrict gh = p.gh + b * 4 * H;
-    const T* __restrict bh = p.b_hh;
-    T* __restrict c = p.c + b * H;
-    T* __restrict h = p.h + b * H;
-    T* __restrict act = Save ? p.act + b * 4 * H : nullptr;
-    T* __restrict tanh_c = Save ? p.tanh_c + b * H : nullptr;
-    T* __restrict c_prev = Save ? p.c_prev + b * H : nullptr;
-    for (int64_t j = 0; j < H; ++j) {
-      T i, f, g, o, c_new, tc, h_new;
-      const T cp = c[j];
-      lstm_pointwise_forward(gx[j] + gh[j] + bh[j], gx[H + j] + gh[H + j] + bh[H + j],
-                             gx[2 * H + j] + gh[2 * H + j] + bh[2 * H + j],
-                             gx[3 * H + j] + gh[3 * H + j] + bh[3 * H + j], cp, i, f, g, o, c_new,
-                             tc, h_new);
-      c[j] = c_new;
-      h[j] = h_new;
-      if (Save) {
-        act[j] = i;
-        act[H + j] = f;
-        act[2 * H + j] = g;
-        act[3 * H + j] = o;
-        tanh_c[j] = tc;
-        c_prev[j] = cp;
-      }
-    }
+    lstm_forward_row<T, Save>(H, p.gx + b * 4 * H, p.gh + b * 4 * H, p.b_hh, p.c + b * H, p.h + b * H,
+                              Save ? p.act + b * 4 * H : nullptr, Save ? p.tanh_c + b * H : nullptr,
+                              Save ? p.c_prev + b * H : nullptr);
   }
 }
 
@@ -214,29 +217,31 @@ struct GruForwardStep {
 };
 
 template <typename T, bool Save>
+inline __attribute__((always_inline)) void gru_forward_row(
+    int64_t H, const T* __restrict gx, const T* __restrict gh, const T* __restrict bh,
+    const T* __restrict hp, T* __restrict h, T* __restrict act, T* __restrict ghn_saved) {
+  for (int64_t j = 0; j < H; ++j) {
+    T r, z, n, h_new;
+    const T ghn = gh[2 * H + j] + bh[2 * H + j];
+    gru_pointwise_forward(gx[j], gx[H + j], gx[2 * H + j], gh[j] + bh[j], gh[H + j] + bh[H + j], ghn,
+                          hp[j], r, z, n, h_new);
+    h[j] = h_new;
+    if (Save) {
+      act[j] = r;
+      act[H + j] = z;
+      act[2 * H + j] = n;
+      ghn_saved[j] = ghn;
+    }
+  }
+}
+
+template <typename T, bool Save>
 SEQFAST_CPU_MULTIVERSION void gru_forward_rows(const GruForwardStep<T>& p, int64_t H, int64_t b0,
                                                int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
-    const T* __restrict gx = p.gx + b * 3 * H;
-    const T* __restrict gh = p.gh + b * 3 * H;
-    const T* __restrict bh = p.b_hh;
-    const T* __restrict hp = p.h_prev + b * H;
-    T* __restrict h = p.h + b * H;
-    T* __restrict act = Save ? p.act + b * 3 * H : nullptr;
-    T* __restrict ghn_saved = Save ? p.gh_n + b * H : nullptr;
-    for (int64_t j = 0; j < H; ++j) {
-      T r, z, n, h_new;
-      const T ghn = gh[2 * H + j] + bh[2 * H + j];
-      gru_pointwise_forward(gx[j], gx[H + j], gx[2 * H + j], gh[j] + bh[j], gh[H + j] + bh[H + j], ghn,
-                            hp[j], r, z, n, h_new);
-      h[j] = h_new;
-      if (Save) {
-        act[j] = r;
-        act[H + j] = z;
-        act[2 * H + j] = n;
-        ghn_saved[j] = ghn;
-      }
-    }
+    gru_forward_row<T, Save>(H, p.gx + b * 3 * H, p.gh + b * 3 * H, p.b_hh, p.h_prev + b * H,
+                             p.h + b * H, Save ? p.act + b * 3 * H : nullptr,
+                             Save ? p.gh_n + b * H : nullptr);
   }
 }
 
@@ -249,14 +254,17 @@ struct RnnForwardStep {
 };
 
 template <typename T, Activation A>
+inline __attribute__((always_inline)) void rnn_forward_row(int64_t H, const T* __restrict gx,
+                                                           const T* __restrict gh,
+                                                           const T* __restrict bh, T* __restrict h) {
+  for (int64_t j = 0; j < H; ++j) h[j] = rnn_pointwise_forward<A>(gx[j] + gh[j] + bh[j]);
+}
+
+template <typename T, Activation A>
 SEQFAST_CPU_MULTIVERSION void rnn_forward_rows(const RnnForwardStep<T>& p, int64_t H, int64_t b0,
                                                int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
-    const T* __restrict gx = p.gx + b * H;
-    const T* __restrict gh = p.gh + b * H;
-    const T* __restrict bh = p.b_hh;
-    T* __restrict h = p.h + b * H;
-    for (int64_t j = 0; j < H; ++j) h[j] = rnn_pointwise_forward<A>(gx[j] + gh[j] + bh[j]);
+    rnn_forward_row<T, A>(H, p.gx + b * H, p.gh + b * H, p.b_hh, p.h + b * H);
   }
 }
 
@@ -271,25 +279,27 @@ struct LstmBackwardStep {
 };
 
 template <typename T>
+inline __attribute__((always_inline)) void lstm_backward_row(
+    int64_t H, const T* __restrict act, const T* __restrict tc, const T* __restrict cp,
+    const T* __restrict dh, T* __restrict dc, T* __restrict dg) {
+  for (int64_t j = 0; j < H; ++j) {
+    T di, df, dgg, dout, dcp;
+    lstm_pointwise_backward(act[j], act[H + j], act[2 * H + j], act[3 * H + j], tc[j], cp[j], dh[j],
+                            dc[j], di, df, dgg, dout, dcp);
+    dg[j] = di;
+    dg[H + j] = df;
+    dg[2 * H + j] = dgg;
+    dg[3 * H + j] = dout;
+    dc[j] = dcp;
+  }
+}
+
+template <typename T>
 SEQFAST_CPU_MULTIVERSION void lstm_backward_rows(const LstmBackwardStep<T>& p, int64_t H, int64_t b0,
                                                  int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
-    const T* __restrict act = p.act + b * 4 * H;
-    const T* __restrict tc = p.tanh_c + b * H;
-    const T* __restrict cp = p.c_prev + b * H;
-    const T* __restrict dh = p.dh + b * H;
-    T* __restrict dc = p.dc + b * H;
-    T* __restrict dg = p.dgates + b * 4 * H;
-    for (int64_t j = 0; j < H; ++j) {
-      T di, df, dgg, dout, dcp;
-      lstm_pointwise_backward(act[j], act[H + j], act[2 * H + j], act[3 * H + j], tc[j], cp[j], dh[j],
-                              dc[j], di, df, dgg, dout, dcp);
-      dg[j] = di;
-      dg[H + j] = df;
-      dg[2 * H + j] = dgg;
-      dg[3 * H + j] = dout;
-      dc[j] = dcp;
-    }
+    lstm_backward_row<T>(H, p.act + b * 4 * H, p.tanh_c + b * H, p.c_prev + b * H, p.dh + b * H,
+                         p.dc + b * H, p.dgates + b * 4 * H);
   }
 }
 
@@ -305,40 +315,43 @@ struct GruBackwardStep {
 };
 
 template <typename T>
+inline __attribute__((always_inline)) void gru_backward_row(
+    int64_t H, const T* __restrict act, const T* __restrict ghn, const T* __restrict hp,
+    const T* __restrict dh, T* __restrict dgi, T* __restrict dgh, T* __restrict dhp) {
+  for (int64_t j = 0; j < H; ++j) {
+    T dr, dz, dn_i, dn_h, direct;
+    gru_pointwise_backward(act[j], act[H + j], act[2 * H + j], ghn[j], hp[j], dh[j], dr, dz, dn_i,
+                           dn_h, direct);
+    dgi[j] = dr;
+    dgi[H + j] = dz;
+    dgi[2 * H + j] = dn_i;
+    dgh[j] = dr;
+    dgh[H + j] = dz;
+    dgh[2 * H + j] = dn_h;
+    dhp[j] = direct;
+  }
+}
+
+template <typename T>
 SEQFAST_CPU_MULTIVERSION void gru_backward_rows(const GruBackwardStep<T>& p, int64_t H, int64_t b0,
                                                 int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
-    const T* __restrict act = p.act + b * 3 * H;
-    const T* __restrict ghn = p.gh_n + b * H;
-    const T* __restrict hp = p.h_prev + b * H;
-    const T* __restrict dh = p.dh + b * H;
-    T* __restrict dgi = p.dgi + b * 3 * H;
-    T* __restrict dgh = p.dgh + b * 3 * H;
-    T* __restrict dhp = p.dh_prev + b * H;
-    for (int64_t j = 0; j < H; ++j) {
-      T dr, dz, dn_i, dn_h, direct;
-      gru_pointwise_backward(act[j], act[H + j], act[2 * H + j], ghn[j], hp[j], dh[j], dr, dz, dn_i,
-                             dn_h, direct);
-      dgi[j] = dr;
-      dgi[H + j] = dz;
-      dgi[2 * H + j] = dn_i;
-      dgh[j] = dr;
-      dgh[H + j] = dz;
-      dgh[2 * H + j] = dn_h;
-      dhp[j] = direct;
-    }
+    gru_backward_row<T>(H, p.act + b * 3 * H, p.gh_n + b * H, p.h_prev + b * H, p.dh + b * H,
+                        p.dgi + b * 3 * H, p.dgh + b * 3 * H, p.dh_prev + b * H);
   }
+}
+
+template <typename T, Activation A>
+inline __attribute__((always_inline)) void rnn_backward_row(int64_t H, const T* __restrict h,
+                                                            const T* __restrict dh,
+                                                            T* __restrict dpre) {
+  for (int64_t j = 0; j < H; ++j) dpre[j] = rnn_pointwise_backward<A>(h[j], dh[j]);
 }
 
 template <typename T, Activation A>
 SEQFAST_CPU_MULTIVERSION void rnn_backward_rows(const T* h, const T* dh, T* dpre, int64_t H,
                                                 int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    const T* __restrict hr = h + b * H;
-    const T* __restrict dhr = dh + b * H;
-    T* __restrict out = dpre + b * H;
-    for (int64_t j = 0; j < H; ++j) out[j] = rnn_pointwise_backward<A>(hr[j], dhr[j]);
-  }
+  for (int64_t b = b0; b < b1; ++b) rnn_backward_row<T, A>(H, h + b * H, dh + b * H, dpre + b * H);
 }
 
 template <typename F>
