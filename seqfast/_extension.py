@@ -10,6 +10,8 @@ _REBUILD = (
 
 def load():
     """Import seqfast._C, whose static initializers register the seqfast:: operators."""
+    import torch  # noqa: F401  (loads libtorch/libc10, which seqfast._C links against)
+
     try:
         return importlib.import_module("seqfast._C")
     except ImportError as e:  # missing, or built against another torch (undefined symbols)

@@ -45,11 +45,12 @@ def _recurrent_layer_forward_fake(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, 
 
 @torch.library.register_fake("seqfast::recurrent_layer_backward")
 def _recurrent_layer_backward_fake(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w_ih,
-                                   w_hh, b_ih, b_hh, w_hr, output, workspace, mode, reverse):
+                                   w_hh, b_ih, b_hh, w_hr, output, workspace, mode, reverse,
+                                   input_grad=True):
     def like(t):
         return input.new_empty(t.shape) if t is not None else input.new_empty((0,))
 
-    return (like(input), like(hx), like(cx), like(w_ih), like(w_hh), like(b_ih), like(b_hh),
+    return (like(input if input_grad else None), like(hx), like(cx), like(w_ih), like(w_hh), like(b_ih), like(b_hh),
             like(w_hr))
 
 
@@ -69,9 +70,9 @@ def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
     input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, out, workspace = ctx.saved_tensors
     grads = torch.ops.seqfast.recurrent_layer_backward(
         grad_output, grad_hy, grad_cy if ctx.mode == 0 else None, input, batch_sizes, hx, cx, w_ih,
-        w_hh, b_ih, b_hh, w_hr, out, workspace, ctx.mode, ctx.reverse)
+        w_hh, b_ih, b_hh, w_hr, out, workspace, ctx.mode, ctx.reverse, ctx.needs_input_grad[0])
     g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr = grads
-    return (g_input, None, g_hx, g_cx if cx is not None else None, g_w_ih, g_w_hh,
+    return (g_input if ctx.needs_input_grad[0] else None, None, g_hx, g_cx if cx is not None else None, g_w_ih, g_w_hh,
             g_b_ih if b_ih is not None else None, g_b_hh if b_hh is not None else None,
             g_w_hr if w_hr is not None else None, None, None, None)
 
