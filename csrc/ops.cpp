@@ -17,11 +17,14 @@ TORCH_LIBRARY(seqfast, m) {
       "bool training) -> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients of recurrent_layer_forward. grad_cy is None for GRU/RNN. Returns grad_input, grad_hx,
   // grad_cx (empty for GRU/RNN), grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr (the bias and
-  // projection gradients are empty when those parameters are None).
+  // projection gradients are empty when those parameters are None). input_grad=False skips the
+  // (N, G*H) x (G*H, I) GEMM of grad_input, which is then empty: a first layer fed by data does not
+  // need it.
   m.def(
       "recurrent_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor? grad_cy, Tensor input, "
       "Tensor? batch_sizes, Tensor hx, Tensor? cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
-      "Tensor? b_hh, Tensor? w_hr, Tensor output, Tensor workspace, int mode, bool reverse) "
+      "Tensor? b_hh, Tensor? w_hr, Tensor output, Tensor workspace, int mode, bool reverse, "
+      "bool input_grad=True) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

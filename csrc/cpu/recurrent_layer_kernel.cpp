@@ -389,9 +389,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   // Unprojected LSTM output when projecting: saved rows when training, else a per-step scratch.
   Tensor h_unproj_scratch = d.projected && !training ? at::empty({B, H}, opts) : Tensor();
 
-  RowGemm recurrent(w_hh, B);
+  RowGemm recurrent(w_hh, B, N);
   std::optional<RowGemm> projection;
-  if (d.projected) projection.emplace(*w_hr, B);
+  if (d.projected) projection.emplace(*w_hr, B, N);
   const int64_t grain = row_grain(d);
 
   for (int64_t step = 0; step < s.steps(); ++step) {
@@ -468,7 +468,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const Tensor& grad_output, const Tensor& grad_hy, const OptTensor& grad_cy, const Tensor& input,
     const Schedule& s, const LayerDims& d, const Tensor& w_ih, const Tensor& w_hh,
     const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& output,
-    const Tensor& ws, bool reverse) {
+    const Tensor& ws, bool reverse, bool input_grad) {
   const int64_t N = s.tokens, H = d.H, P = d.P, GH = d.G * d.H, B = d.B;
   const auto opts = input.options();
   const bool is_lstm = d.kind == CellKind::LSTM, is_gru = d.kind == CellKind::GRU;
@@ -495,9 +495,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   Tensor dh_proj = d.projected ? at::empty({N, P}, opts) : Tensor();  // dL/d(projected h), per token
   Tensor dh_scratch = at::empty({B, d.projected ? H : P}, opts);
 
-  RowGemm recurrent_t(w_hh.t(), B);  // dh_prev = dgh @ W_hh
+  RowGemm recurrent_t(w_hh.t(), B, N);  // dh_prev = dgh @ W_hh
   std::optional<RowGemm> projection_t;
-  if (d.projected) projection_t.emplace(w_hr->t(), B);  // dh = dh_proj @ W_hr
+  if (d.projected) projection_t.emplace(w_hr->t(), B, N);  // dh = dh_proj @ W_hr
   const int64_t grain = row_grain(d);
 
   for (int64_t step = s.steps() - 1; step >= 0; --step) {
@@ -543,7 +543,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
 
   // The weight, input and bias gradients: one GEMM / one reduction each, over all tokens.
   const Tensor x = input.reshape({N, d.I});
-  Tensor grad_input = at::mm(dgi, w_ih).view(input.sizes());
+  Tensor grad_input = input_grad ? at::mm(dgi, w_ih).view(input.sizes()) : at::empty({0}, opts);
   Tensor grad_w_ih = at::mm(dgi.t(), x);
   Tensor grad_w_hh = at::mm(dgh.t(), ws_matrix(L.h_prev, P));
   Tensor grad_b_ih = b_ih.has_value() ? dgi.sum(0) : at::empty({0}, opts);
@@ -572,14 +572,15 @@ recurrent_layer_backward_cpu(const Tensor& grad_output, const Tensor& grad_hy,
                              const OptTensor& batch_sizes, const Tensor& hx, const OptTensor& cx,
                              const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                              const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& output,
-                             const Tensor& workspace, int64_t mode, bool reverse) {
+                             const Tensor& workspace, int64_t mode, bool reverse,
+                             bool input_grad) {
   const Schedule s = make_schedule(input, batch_sizes);
   const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode);
   TORCH_CHECK(grad_output.numel() == d.N * d.P && grad_hy.sizes() == hx.sizes(),
               "seqfast: recurrent_layer_backward: gradient shapes do not match the forward");
   return AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "recurrent_layer_backward", [&] {
     return layer_backward<scalar_t>(grad_output, grad_hy, grad_cy, input, s, d, w_ih, w_hh, b_ih,
-                                    b_hh, w_hr, output, workspace, reverse);
+                                    b_hh, w_hr, output, workspace, reverse, input_grad);
   });
 }
 

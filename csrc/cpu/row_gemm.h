@@ -14,8 +14,9 @@ namespace cpu {
 class RowGemm {
  public:
   // weight: (n, k), any strides. max_rows: the largest `rows` that will be passed (oneDNN tunes the
-  // reordered layout for it; smaller row counts work too).
-  RowGemm(const at::Tensor& weight, int64_t max_rows);
+  // reordered layout for it; smaller row counts work too). total_rows: the rows summed over all the
+  // calls to come, which decides whether reordering the weight for oneDNN pays for itself.
+  RowGemm(const at::Tensor& weight, int64_t max_rows, int64_t total_rows);
 
   // a: (rows, k) contiguous. Returns a @ W^T, (rows, n) contiguous. The result may live in a buffer
   // that the next call reuses: consume it before calling again.
