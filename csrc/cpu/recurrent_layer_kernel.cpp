@@ -145,8 +145,9 @@ LayerDims check_layer(const Tensor& input, const Schedule& s, const Tensor& hx, 
   return d;
 }
 
-// Rows per parallel chunk: enough pointwise work to be worth a thread.
-int64_t row_grain(const LayerDims& d) { return std::max<int64_t>(1, 16384 / (d.G * d.H)); }
+// Rows per parallel chunk: at least at::internal::GRAIN_SIZE (32768) gate elements, torch's own
+// threshold; below it a parallel region costs more than it saves (and stalls when cores are shared).
+int64_t row_grain(const LayerDims& d) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / (d.G * d.H)); }
 
 template <typename T>
 T* rows_of(const Tensor& t, int64_t row, int64_t width) {
