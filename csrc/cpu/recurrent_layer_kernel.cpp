@@ -375,7 +375,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   const bool is_lstm = d.kind == CellKind::LSTM, is_gru = d.kind == CellKind::GRU;
 
   const Tensor x = input.reshape({N, d.I});
-  const Tensor gx = b_ih.has_value() ? at::addmm(*b_ih, x, w_ih.t()) : at::mm(x, w_ih.t());
+  const Tensor gx = cpu::linear(x, w_ih, b_ih);  // (N, G*H): the input projection of every step
   const Tensor bias_hh = b_hh.has_value() ? b_hh->contiguous() : at::zeros({GH}, opts);
 
   Tensor output = at::empty({N, P}, opts);
@@ -544,7 +544,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
 
   // The weight, input and bias gradients: one GEMM / one reduction each, over all tokens.
   const Tensor x = input.reshape({N, d.I});
-  Tensor grad_input = input_grad ? at::mm(dgi, w_ih).view(input.sizes()) : at::empty({0}, opts);
+  Tensor grad_input =
+      input_grad ? cpu::linear(dgi, w_ih.t(), std::nullopt).view(input.sizes()) : at::empty({0}, opts);
   Tensor grad_w_ih = at::mm(dgi.t(), x);
   Tensor grad_w_hh = at::mm(dgh.t(), ws_matrix(L.h_prev, P));
   Tensor grad_b_ih = b_ih.has_value() ? dgi.sum(0) : at::empty({0}, opts);

@@ -44,25 +44,41 @@ at::Tensor onednn_reorder(const at::Tensor& weight, int64_t max_rows) {
   return stack.at(0).toTensor();
 }
 
-at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& packed) {
+at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& packed,
+                         const std::optional<at::Tensor>& bias = std::nullopt) {
   c10::impl::GenericList no_scalars(c10::OptionalType::create(c10::NumberType::get()));
-  torch::jit::Stack stack{a, packed, c10::IValue(), c10::IValue("none"), c10::IValue(no_scalars),
-                          c10::IValue()};
+  torch::jit::Stack stack{a, packed, bias.has_value() ? c10::IValue(*bias) : c10::IValue(),
+                          c10::IValue("none"), c10::IValue(no_scalars), c10::IValue()};
   onednn_ops().linear->callBoxed(&stack);
   return stack.at(0).toTensor();
 }
-
-}  // namespace
 
 // Reordering the weight costs a copy of it plus ~100-200 us of oneDNN setup; measured on a 1x16x64
 // cell step it made the call 10x slower. Below ~2^26 multiply-adds over all calls at::mm is as good.
 constexpr int64_t kOneDnnMinMacs = int64_t(1) << 26;
 
+bool use_onednn(const at::Tensor& weight, int64_t rows) {
+  return weight.scalar_type() == at::kFloat && weight.device().is_cpu() &&
+         onednn_ops().available() && weight.numel() > 0 && rows > 0 &&
+         rows * weight.numel() >= kOneDnnMinMacs;
+}
+
+}  // namespace
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias) {
+  if (use_onednn(weight, x.size(0))) {
+    std::optional<at::Tensor> b;
+    if (bias.has_value()) b = bias->contiguous();
+    return onednn_linear(x.contiguous(), onednn_reorder(weight, x.size(0)), b);
+  }
+  return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+}
+
 RowGemm::RowGemm(const at::Tensor& weight, int64_t max_rows, int64_t total_rows) {
   TORCH_INTERNAL_ASSERT(weight.dim() == 2);
   weight_t_ = weight.t();
-  if (weight.scalar_type() == at::kFloat && weight.device().is_cpu() && onednn_ops().available() &&
-      weight.numel() > 0 && max_rows > 0 && total_rows * weight.numel() >= kOneDnnMinMacs) {
+  if (max_rows > 0 && use_onednn(weight, total_rows)) {
     packed_ = onednn_reorder(weight, max_rows);
   } else {
     buffer_ = at::empty({std::max<int64_t>(max_rows, 0), weight.size(0)}, weight.options());
