@@ -49,6 +49,28 @@ def from_padded(x: torch.Tensor, lengths=None) -> Varlen:
     return Varlen(x.reshape(B * T, D), _offsets(T, B), seqused, T, B, None)
 
 
+def gather_padded(x: torch.Tensor, lengths) -> Varlen:
+    """x: (B, T, D) padded, lengths (B,): copies the used rows into a packed varlen layout.
+
+    For callers that run a GEMM over every memory row (concat's W_m h): it then skips the padding, and
+    whatever the padding holds (NaN, Inf) never enters an arithmetic operation, forward or backward.
+    The number of rows depends on the lengths' values, so this is for eager mode only.
+    """
+    B, T, D = x.shape
+    lengths = torch.as_tensor(lengths, device="cpu").to(torch.int64)
+    if lengths.shape != (B,):
+        raise ValueError(f"seqfast: memory_lengths must have shape ({B},), got {tuple(lengths.shape)}")
+    if bool(((lengths < 0) | (lengths > T)).any()):
+        bad = int(((lengths < 0) | (lengths > T)).nonzero()[0, 0])
+        raise RuntimeError(f"seqfast: memory_lengths[{bad}] = {int(lengths[bad])} is outside [0, {T}], the "
+                           f"padded memory length")
+    valid = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    rows = valid.reshape(-1).nonzero().squeeze(1).to(x.device)
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0).to(torch.int32)
+    return Varlen(x.reshape(B * T, D).index_select(0, rows), cu, None, T, B, None)
+
+
 def from_rows(x: torch.Tensor, rows_per_sequence: int) -> Varlen:
     """x: (B, T, D) or (B, D) (T = 1) where every row is real (queries)."""
     if x.dim() == 2:

@@ -64,6 +64,92 @@ SEQFAST_CPU_INLINE void scale_in_place(T alpha, T* __restrict y, int64_t n) {
   for (int64_t k = 0; k < n; ++k) y[k] *= alpha;
 }
 
+// The loops over several memory rows work on 4 rows at a time: 4 independent accumulator chains hide
+// the FMA latency that a single dot product is bound by, and x is loaded once for 4 rows.
+
+// out[j] = x . rows[j], rows j < n of a row-major (n, D) block.
+template <typename T>
+SEQFAST_CPU_INLINE void dot_rows(const T* __restrict x, const T* __restrict rows, int64_t n, int64_t D,
+                                 T* __restrict out) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const T* __restrict r0 = rows + j * D;
+    const T* __restrict r1 = r0 + D;
+    const T* __restrict r2 = r1 + D;
+    const T* __restrict r3 = r2 + D;
+    T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t k = 0; k < D; ++k) {
+      const T xk = x[k];
+      s0 += xk * r0[k];
+      s1 += xk * r1[k];
+      s2 += xk * r2[k];
+      s3 += xk * r3[k];
+    }
+    out[j] = s0;
+    out[j + 1] = s1;
+    out[j + 2] = s2;
+    out[j + 3] = s3;
+  }
+  for (; j < n; ++j) out[j] = dot(x, rows + j * D, D);
+}
+
+// outx[j] = x . rows[j] and outy[j] = y . rows[j] in one pass over the rows.
+template <typename T>
+SEQFAST_CPU_INLINE void dot2_rows(const T* __restrict x, const T* __restrict y, const T* __restrict rows,
+                                  int64_t n, int64_t D, T* __restrict outx, T* __restrict outy) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const T* __restrict r0 = rows + j * D;
+    const T* __restrict r1 = r0 + D;
+    const T* __restrict r2 = r1 + D;
+    const T* __restrict r3 = r2 + D;
+    T a0 = T(0), a1 = T(0), a2 = T(0), a3 = T(0), b0 = T(0), b1 = T(0), b2 = T(0), b3 = T(0);
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+    for (int64_t k = 0; k < D; ++k) {
+      const T xk = x[k], yk = y[k];
+      const T v0 = r0[k], v1 = r1[k], v2 = r2[k], v3 = r3[k];
+      a0 += xk * v0;
+      a1 += xk * v1;
+      a2 += xk * v2;
+      a3 += xk * v3;
+      b0 += yk * v0;
+      b1 += yk * v1;
+      b2 += yk * v2;
+      b3 += yk * v3;
+    }
+    outx[j] = a0;
+    outx[j + 1] = a1;
+    outx[j + 2] = a2;
+    outx[j + 3] = a3;
+    outy[j] = b0;
+    outy[j + 1] = b1;
+    outy[j + 2] = b2;
+    outy[j + 3] = b3;
+  }
+  for (; j < n; ++j) {
+    outx[j] = dot(x, rows + j * D, D);
+    outy[j] = dot(y, rows + j * D, D);
+  }
+}
+
+// acc += sum_j w[j] rows[j], rows j < n of a row-major (n, D) block.
+template <typename T>
+SEQFAST_CPU_INLINE void add_weighted_rows(T* __restrict acc, const T* __restrict w,
+                                          const T* __restrict rows, int64_t n, int64_t D) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const T* __restrict r0 = rows + j * D;
+    const T* __restrict r1 = r0 + D;
+    const T* __restrict r2 = r1 + D;
+    const T* __restrict r3 = r2 + D;
+    const T w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];
+#pragma omp simd
+    for (int64_t k = 0; k < D; ++k) acc[k] += (w0 * r0[k] + w1 * r1[k]) + (w2 * r2[k] + w3 * r3[k]);
+  }
+  for (; j < n; ++j) axpy(w[j], rows + j * D, acc, D);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Everything a kernel needs, filled once by the host entry point.
 template <typename T>
@@ -126,7 +212,7 @@ SEQFAST_CPU_MULTIVERSION void forward_queries(const AttentionParams<T>& p, int64
   const int64_t Dm = p.Dm, W = p.max_seqlen_k;
   std::vector<T> acc_buffer(Dm);
   T* __restrict acc = acc_buffer.data();
-  T s_block[kKeyBlock];
+  T s_block[kKeyBlock], e_block[kKeyBlock];
   for (int64_t i = i0; i < i1; ++i) {
     int64_t start, L;
     p.keys(p.seq_of_query[i], start, L);
@@ -136,18 +222,20 @@ SEQFAST_CPU_MULTIVERSION void forward_queries(const AttentionParams<T>& p, int64
     OnlineSoftmax<T> softmax;
     for (int64_t j0 = 0; j0 < L; j0 += kKeyBlock) {
       const int64_t n = std::min(kKeyBlock, L - j0);
-      T block_max = -std::numeric_limits<T>::infinity();
-      for (int64_t jj = 0; jj < n; ++jj) {
-        const T s = score_of<T, Kind>(p, q, start + j0 + jj, j0 + jj);
-        s_block[jj] = s;
-        block_max = s > block_max ? s : block_max;
+      const T* block_rows = p.memory + (start + j0) * Dm;
+      if constexpr (Kind == ScoreKind::Dot) {
+        dot_rows(q, block_rows, n, Dm, s_block);
+        for (int64_t jj = 0; jj < n; ++jj) s_block[jj] *= p.scale;
+      } else {
+        for (int64_t jj = 0; jj < n; ++jj) s_block[jj] = score_of<T, Kind>(p, q, start + j0 + jj, j0 + jj);
       }
+      T block_max = -std::numeric_limits<T>::infinity();
+      for (int64_t jj = 0; jj < n; ++jj) block_max = s_block[jj] > block_max ? s_block[jj] : block_max;
       const T factor = softmax.rescale(block_max);
       if (factor != T(1)) scale_in_place(factor, acc, Dm);
-      for (int64_t jj = 0; jj < n; ++jj) {
-        axpy(softmax.add(s_block[jj]), p.memory + (start + j0 + jj) * Dm, acc, Dm);
-      }
       if (NeedWeights) std::copy(s_block, s_block + n, w + j0);
+      for (int64_t jj = 0; jj < n; ++jj) e_block[jj] = softmax.add(s_block[jj]);
+      add_weighted_rows(acc, e_block, block_rows, n, Dm);
     }
     T* __restrict out = p.context + i * Dm;
     const T inv = L > 0 ? T(1) / softmax.sum : T(0);
@@ -177,41 +265,53 @@ SEQFAST_CPU_MULTIVERSION void backward_sequences(const AttentionParams<T>& p, in
       const T* __restrict go = p.grad_context + i * Dm;
       const T* gw = p.grad_weights != nullptr ? p.grad_weights + i * W : nullptr;
       const T lse = p.lse[i];
+      const T* key_rows = p.memory + start * Dm;
+      // prob <- scores, ds <- dcontext . m_j
+      if constexpr (Kind == ScoreKind::Dot) {
+        dot2_rows(q, go, key_rows, L, Dm, prob.data(), ds.data());
+        for (int64_t j = 0; j < L; ++j) prob[j] *= p.scale;
+      } else {
+        dot_rows(go, key_rows, L, Dm, ds.data());
+        for (int64_t j = 0; j < L; ++j) {
+          if constexpr (Kind == ScoreKind::Additive) {
+            const T* __restrict mp = p.memory_proj + (start + j) * A;
+            const T* __restrict v = p.v;
+            T* __restrict t = tanh_rows.data() + j * A;
+            T s = T(0);
+#pragma omp simd reduction(+ : s)
+            for (int64_t a = 0; a < A; ++a) {
+              const T th = additive_tanh(q[a], mp[a]);
+              t[a] = th;
+              s += v[a] * th;
+            }
+            prob[j] = s;
+          } else {
+            prob[j] = q[j];
+          }
+        }
+      }
       T D = T(0);
       for (int64_t j = 0; j < L; ++j) {
-        const int64_t row = start + j;
-        T s;
-        if constexpr (Kind == ScoreKind::Additive) {
-          const T* __restrict mp = p.memory_proj + row * A;
-          const T* __restrict v = p.v;
-          T* __restrict t = tanh_rows.data() + j * A;
-          s = T(0);
-#pragma omp simd reduction(+ : s)
-          for (int64_t a = 0; a < A; ++a) {
-            const T th = additive_tanh(q[a], mp[a]);
-            t[a] = th;
-            s += v[a] * th;
-          }
-        } else {
-          s = score_of<T, Kind>(p, q, row, j);
-        }
-        const T pj = math::exp(s - lse);
-        const T dp = dot(go, p.memory + row * Dm, Dm) + (gw != nullptr ? gw[j] : T(0));
-        prob[j] = pj;
-        ds[j] = dp;
-        D += pj * dp;
+        prob[j] = math::exp(prob[j] - lse);
+        if (gw != nullptr) ds[j] += gw[j];
+        D += prob[j] * ds[j];
       }
+      for (int64_t j = 0; j < L; ++j) ds[j] = softmax_backward(prob[j], ds[j], D);
+      // dmemory_j += p_j dcontext (+ scale ds_j q for the dot score, where the memory is also the key)
       for (int64_t j = 0; j < L; ++j) {
-        ds[j] = softmax_backward(prob[j], ds[j], D);
-        axpy(prob[j], go, p.grad_memory + (start + j) * Dm, Dm);
+        T* __restrict gm = p.grad_memory + (start + j) * Dm;
+        const T pj = prob[j];
+        if constexpr (Kind == ScoreKind::Dot) {
+          const T g = p.scale * ds[j];
+#pragma omp simd
+          for (int64_t d = 0; d < Dm; ++d) gm[d] += pj * go[d] + g * q[d];
+        } else {
+          axpy(pj, go, gm, Dm);
+        }
       }
       if constexpr (Kind == ScoreKind::Dot) {
-        T* dq = p.grad_query + i * Dm;
-        for (int64_t j = 0; j < L; ++j) {
-          const T g = p.scale * ds[j];
-          axpy(g, p.memory + (start + j) * Dm, dq, Dm);
-          axpy(g, q, p.grad_memory + (start + j) * Dm, Dm);
-        }
+        for (int64_t j = 0; j < L; ++j) ds[j] *= p.scale;
+        add_weighted_rows(p.grad_query + i * Dm, ds.data(), key_rows, L, Dm);
       } else if constexpr (Kind == ScoreKind::Additive) {
         T* __restrict dqp = p.grad_query + i * A;
         T* __restrict dv = p.grad_v + b * A;

@@ -119,11 +119,17 @@ class Attention(nn.Module):
             layout = varlen.from_padded(memory, memory_lengths)
             rows = layout.data
             if self.score == "concat" and layout.seqused is not None:
-                # The memory GEMM runs over the padded rows too; zero them so that whatever they hold
-                # (NaN, Inf) cannot reach W_m's gradient as 0 * NaN.
-                B, Tk = memory.shape[:2]
-                valid = torch.arange(Tk).unsqueeze(0) < layout.seqused.unsqueeze(1)
-                rows = torch.where(valid.reshape(B * Tk, 1).to(rows.device), rows, 0.0)
+                # concat runs a GEMM over every memory row. Eager: copy the used rows out, so the GEMM
+                # skips the padding. Compiled (the row count would depend on the lengths' values):
+                # zero the padded rows, so that whatever they hold (NaN, Inf) cannot reach W_m's
+                # gradient as 0 * NaN.
+                if torch.compiler.is_compiling():
+                    B, Tk = memory.shape[:2]
+                    valid = torch.arange(Tk).unsqueeze(0) < layout.seqused.unsqueeze(1)
+                    rows = torch.where(valid.reshape(B * Tk, 1).to(rows.device), rows, 0.0)
+                else:
+                    layout = varlen.gather_padded(memory, memory_lengths)
+                    rows = layout.data
         if rows.shape[-1] != self.memory_size:
             raise ValueError(f"seqfast.nn.Attention: memory rows have {rows.shape[-1]} features, "
                              f"expected memory_size={self.memory_size}")
