@@ -152,7 +152,8 @@ def probe(spec):
 
 def peak_memory(score, impl, config, mode):
     spec = json.dumps(dict(score=score, impl=impl, config=config, mode=mode))
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", spec],
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", spec,
+                          "--threads", str(torch.get_num_threads())],
                          capture_output=True, text=True, check=True, cwd=os.path.dirname(HERE))
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"]
 
@@ -239,8 +240,12 @@ def main():
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "bench_attention.json"))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (also for the memory subprocesses); default: torch's")
     ap.add_argument("--probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.probe:
         probe(json.loads(args.probe))
         return

@@ -176,10 +176,10 @@ struct AttentionParams {
 
   const T* grad_context = nullptr;  // (Nq, Dm)
   const T* grad_weights = nullptr;  // (Nq, max_seqlen_k) or nullptr
-  T* grad_query = nullptr;          // like query, zero-initialized
-  T* grad_memory = nullptr;         // (Nk, Dm), zero-initialized
-  T* grad_memory_proj = nullptr;    // additive: (Nk, A), zero-initialized
-  T* grad_v = nullptr;              // additive: (B, A) per-sequence partial sums, zero-initialized
+  T* grad_query = nullptr;          // like query (zeroed by the kernel, like all the gradients)
+  T* grad_memory = nullptr;         // (Nk, Dm)
+  T* grad_memory_proj = nullptr;    // additive: (Nk, A)
+  T* grad_v = nullptr;              // additive: (B, A) per-sequence partial sums
 
   SEQFAST_CPU_INLINE void keys(int64_t b, int64_t& start, int64_t& length) const {
     key_range(cu_seqlens_k, seqused_k, b, start, length);
@@ -259,6 +259,17 @@ SEQFAST_CPU_MULTIVERSION void backward_sequences(const AttentionParams<T>& p, in
   for (int64_t b = b0; b < b1; ++b) {
     int64_t start, L;
     p.keys(b, start, L);
+    // The gradients are allocated uninitialized; every row belongs to exactly one sequence, so zeroing
+    // the sequence's rows here (in parallel, right before they are accumulated into) covers them all,
+    // padded memory rows included.
+    const int64_t q0 = p.cu_seqlens_q[b], q1 = p.cu_seqlens_q[b + 1];
+    const int64_t k0 = p.cu_seqlens_k[b], k1 = p.cu_seqlens_k[b + 1];
+    std::fill(p.grad_query + q0 * p.query_width, p.grad_query + q1 * p.query_width, T(0));
+    std::fill(p.grad_memory + k0 * Dm, p.grad_memory + k1 * Dm, T(0));
+    if constexpr (Kind == ScoreKind::Additive) {
+      std::fill(p.grad_memory_proj + k0 * A, p.grad_memory_proj + k1 * A, T(0));
+      std::fill(p.grad_v + b * A, p.grad_v + (b + 1) * A, T(0));
+    }
     if (L == 0) continue;  // zero context whatever the query: all gradients stay 0
     for (int64_t i = p.cu_seqlens_q[b]; i < p.cu_seqlens_q[b + 1]; ++i) {
       const T* __restrict q = p.query + i * p.query_width;
@@ -511,7 +522,7 @@ std::tuple<Tensor, Tensor> attention_backward_cpu(
   const Tensor q = query.contiguous(), m = memory.contiguous(), go = grad_context.contiguous();
   const Tensor ls = lse.contiguous();
   const Tensor gw = grad_weights.has_value() ? grad_weights->contiguous() : Tensor();
-  Tensor grad_query = at::zeros_like(q), grad_memory = at::zeros_like(m);
+  Tensor grad_query = at::empty_like(q), grad_memory = at::empty_like(m);
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "attention_backward", [&] {
     AttentionParams<scalar_t> p = params_of<scalar_t>(l);
     p.query = q.data_ptr<scalar_t>();
@@ -576,9 +587,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> additive_attention_backward_cpu(
   const Tensor vv = v.contiguous(), go = grad_context.contiguous(), ls = lse.contiguous();
   const Tensor gw = grad_weights.has_value() ? grad_weights->contiguous() : Tensor();
   const int64_t A = q.size(1);
-  Tensor grad_query_proj = at::zeros_like(q), grad_memory_proj = at::zeros_like(mp);
-  Tensor grad_memory = at::zeros_like(m);
-  Tensor grad_v_partial = at::zeros({l.B, A}, m.options());
+  Tensor grad_query_proj = at::empty_like(q), grad_memory_proj = at::empty_like(mp);
+  Tensor grad_memory = at::empty_like(m);
+  Tensor grad_v_partial = at::empty({l.B, A}, m.options());
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "additive_attention_backward", [&] {
     AttentionParams<scalar_t> p = params_of<scalar_t>(l);
     p.query = q.data_ptr<scalar_t>();
@@ -634,7 +645,7 @@ std::tuple<Tensor, Tensor> location_attention_backward_cpu(
   const Tensor s = scores.contiguous(), m = memory.contiguous(), go = grad_context.contiguous();
   const Tensor ls = lse.contiguous();
   const Tensor gw = grad_weights.has_value() ? grad_weights->contiguous() : Tensor();
-  Tensor grad_scores = at::zeros_like(s), grad_memory = at::zeros_like(m);
+  Tensor grad_scores = at::empty_like(s), grad_memory = at::empty_like(m);
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "location_attention_backward", [&] {
     AttentionParams<scalar_t> p = params_of<scalar_t>(l);
     p.query = s.data_ptr<scalar_t>();
