@@ -12,8 +12,8 @@ SDPA compute the full score matrix regardless.
 Time: median of interleaved samples after warm-up, in this process, same inputs for every impl
 (benchmarks/common.py's time_interleaved when it exists, else the same algorithm below).
 Peak memory: a fresh subprocess per (score, impl, config, mode) builds the inputs, runs the call once
-at a tiny size to load every library and thread pool, reads the RSS high-water mark
-(getrusage ru_maxrss), runs the measured call once, and reports the growth of the high-water mark.
+at a tiny size to load every library and thread pool, resets the RSS high-water mark (Linux
+/proc/self/clear_refs), runs the measured call once, and reports VmHWM - VmRSS-before-the-call.
 This counts everything the call allocates (tensors, allocator slack, oneDNN/MKL scratch), which
 tracemalloc cannot see; its resolution is ~0.1-1 MB of page-level noise.
 Writes benchmarks/results/bench_attention.json and prints a markdown table.
@@ -135,19 +135,32 @@ def check_agreement(score, mod, q, m, lengths):
 
 
 # ----------------------------------------------------------------------------------------- memory
+def _proc_status_kib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
 def probe(spec):
-    """Runs in a fresh subprocess: growth of the RSS high-water mark (bytes) during one call."""
-    import resource
+    """Runs in a fresh subprocess: how far one call raises the resident set above where it started.
+
+    Linux: writing 5 to /proc/self/clear_refs resets the RSS high-water mark (VmHWM) to the current
+    RSS, so the imports' own peak does not mask the call's; peak = VmHWM after the call - VmRSS before.
+    """
     score, impl, config, mode = spec["score"], spec["impl"], spec["config"], spec["mode"]
     tiny = dict(B=2, Tq=min(2, CONFIGS[config]["Tq"]), Tk=12, D=8)
     make_call(impl, score, *make_inputs(score, tiny), mode)()  # load libraries, start thread pools
     call = make_call(impl, score, *make_inputs(score, CONFIGS[config]), mode)
     gc.collect()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _proc_status_kib("VmRSS")
     out = call()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _proc_status_kib("VmHWM")
     del out
-    print(json.dumps({"peak_bytes": (after - before) * 1024}))
+    print(json.dumps({"peak_bytes": (peak - before) * 1024}))
 
 
 def peak_memory(score, impl, config, mode):
