@@ -223,7 +223,9 @@ def markdown_table(rows):
         return f"{v / 2**20:.1f}" if v is not None else "-"
 
     for r in rows:
-        ratio = f"{r['memory_ratio_vs_reference']:.0f}x" if "memory_ratio_vs_reference" in r else "-"
+        ratio = "-"
+        if "memory_ratio_vs_reference" in r and r["peak_bytes"]["seqfast"] >= 2**20:
+            ratio = f"{r['memory_ratio_vs_reference']:.1f}x"  # below 1 MiB the RSS noise dominates
         sdpa = f"{r['speedup_vs_sdpa']:.2f}x" if "speedup_vs_sdpa" in r else "-"
         lines.append(f"| {r['config']} (Tq={r['Tq']}) | {r['score']} | {r['mode']} | {ms(r, 'seqfast')} | "
                      f"{ms(r, 'reference')} | {ms(r, 'sdpa')} | {r['speedup_vs_reference']:.2f}x | {sdpa} | "
