@@ -26,6 +26,52 @@ TORCH_LIBRARY(seqfast, m) {
       "Tensor? b_hh, Tensor? w_hr, Tensor output, Tensor workspace, int mode, bool reverse, "
       "bool input_grad=True) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- Attention over packed (varlen) memory; layout and math in include/seqfast/attention.h. ----
+  // Common arguments:
+  //   cu_seqlens_q: int32 CPU (B+1), query rows of sequence b are [cu_seqlens_q[b], cu_seqlens_q[b+1])
+  //   cu_seqlens_k: int32 CPU (B+1), memory rows of sequence b start at cu_seqlens_k[b]
+  //   seqused_k:    None (sequence b owns all rows up to cu_seqlens_k[b+1]) or int32 CPU (B) keys used
+  //                 per sequence (padded memory: cu_seqlens_k = b*Tk, seqused_k = lengths)
+  //   max_seqlen_k: width of the weights rows, >= every used length
+  //   memory: (Nk, Dm) values. need_weights: also return the softmax weights.
+  // Forward ops return context (Nq, Dm), lse (Nq) log-sum-exp of each query's scores (-inf for a
+  // length-0 memory, whose context is 0), weights (Nq, max_seqlen_k) zero past each length, or an
+  // empty tensor when need_weights is false. Backward ops take grad_weights=None when the weights
+  // were not returned or got no gradient.
+  //
+  // dot, scaled_dot and general (query already multiplied by W): score = scale * query . memory.
+  //   query (Nq, Dm). Returns context, lse, weights.
+  m.def(
+      "attention_forward(Tensor query, Tensor memory, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "Tensor? seqused_k, int max_seqlen_k, float scale, bool need_weights) -> (Tensor, Tensor, Tensor)");
+  // Returns grad_query, grad_memory.
+  m.def(
+      "attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, Tensor memory, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, Tensor lse, int max_seqlen_k, "
+      "float scale) -> (Tensor, Tensor)");
+  // concat (Bahdanau): score = v . tanh(query_proj_i + memory_proj_j), never materialized per pair.
+  //   query_proj (Nq, A) = query W_q^T, memory_proj (Nk, A) = memory W_m^T (+ b), v (A).
+  m.def(
+      "additive_attention_forward(Tensor query_proj, Tensor memory_proj, Tensor memory, Tensor v, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, int max_seqlen_k, "
+      "bool need_weights) -> (Tensor, Tensor, Tensor)");
+  // Returns grad_query_proj, grad_memory_proj, grad_memory, grad_v.
+  m.def(
+      "additive_attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query_proj, "
+      "Tensor memory_proj, Tensor memory, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "Tensor? seqused_k, Tensor lse, int max_seqlen_k) -> (Tensor, Tensor, Tensor, Tensor)");
+  // location: the scores are given, scores (Nq, L) = query W^T, L = max_memory_len; key j of a
+  //   sequence takes column j. Errors if a memory length exceeds L.
+  m.def(
+      "location_attention_forward(Tensor scores, Tensor memory, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, Tensor? seqused_k, int max_seqlen_k, bool need_weights) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Returns grad_scores (zero past each length), grad_memory.
+  m.def(
+      "location_attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor scores, "
+      "Tensor memory, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, Tensor lse, "
+      "int max_seqlen_k) -> (Tensor, Tensor)");
 }
 
 // seqfast._C is imported only for its static registrations above; give Python an empty module.

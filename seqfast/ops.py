@@ -101,3 +101,119 @@ def recurrent_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mo
 def _needs_autograd(args):
     return torch.is_grad_enabled() and any(
         isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+# =====================================================================================================
+# Attention (seqfast::attention_*, additive_attention_*, location_attention_*): varlen memory, one
+# fused kernel per score family. Shapes in csrc/ops.cpp; layout and math in
+# csrc/include/seqfast/attention.h. The forward ops return (context, lse, weights); lse is saved for
+# the backward (which recomputes the probabilities from it) and is not differentiable.
+# =====================================================================================================
+
+def _attention_outputs_fake(rows, memory, max_seqlen_k, need_weights):
+    context = memory.new_empty((rows.shape[0], memory.shape[1]))
+    lse = memory.new_empty((rows.shape[0],))
+    weights = memory.new_empty((rows.shape[0], max_seqlen_k) if need_weights else (0,))
+    return context, lse, weights
+
+
+@torch.library.register_fake("seqfast::attention_forward")
+def _attention_forward_fake(query, memory, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_k, scale,
+                            need_weights):
+    return _attention_outputs_fake(query, memory, max_seqlen_k, need_weights)
+
+
+@torch.library.register_fake("seqfast::attention_backward")
+def _attention_backward_fake(grad_context, grad_weights, query, memory, cu_seqlens_q, cu_seqlens_k,
+                             seqused_k, lse, max_seqlen_k, scale):
+    return torch.empty_like(query), torch.empty_like(memory)
+
+
+@torch.library.register_fake("seqfast::additive_attention_forward")
+def _additive_attention_forward_fake(query_proj, memory_proj, memory, v, cu_seqlens_q, cu_seqlens_k,
+                                     seqused_k, max_seqlen_k, need_weights):
+    return _attention_outputs_fake(query_proj, memory, max_seqlen_k, need_weights)
+
+
+@torch.library.register_fake("seqfast::additive_attention_backward")
+def _additive_attention_backward_fake(grad_context, grad_weights, query_proj, memory_proj, memory, v,
+                                      cu_seqlens_q, cu_seqlens_k, seqused_k, lse, max_seqlen_k):
+    return (torch.empty_like(query_proj), torch.empty_like(memory_proj), torch.empty_like(memory),
+            torch.empty_like(v))
+
+
+@torch.library.register_fake("seqfast::location_attention_forward")
+def _location_attention_forward_fake(scores, memory, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                     max_seqlen_k, need_weights):
+    return _attention_outputs_fake(scores, memory, max_seqlen_k, need_weights)
+
+
+@torch.library.register_fake("seqfast::location_attention_backward")
+def _location_attention_backward_fake(grad_context, grad_weights, scores, memory, cu_seqlens_q,
+                                      cu_seqlens_k, seqused_k, lse, max_seqlen_k):
+    return torch.empty_like(scores), torch.empty_like(memory)
+
+
+def _weights_grad(ctx, grad_weights):
+    # Only a gradient that reached the returned weights matters; an empty placeholder never does.
+    return grad_weights if ctx.need_weights and grad_weights is not None else None
+
+
+def _attention_setup_context(ctx, inputs, output):
+    query, memory, cu_q, cu_k, seqused_k, max_seqlen_k, scale, need_weights = inputs
+    ctx.save_for_backward(query, memory, cu_q, cu_k, seqused_k, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.max_seqlen_k, ctx.scale, ctx.need_weights = max_seqlen_k, scale, need_weights
+
+
+def _attention_backward(ctx, grad_context, _grad_lse, grad_weights):
+    query, memory, cu_q, cu_k, seqused_k, lse = ctx.saved_tensors
+    grad_query, grad_memory = torch.ops.seqfast.attention_backward(
+        grad_context, _weights_grad(ctx, grad_weights), query, memory, cu_q, cu_k, seqused_k, lse,
+        ctx.max_seqlen_k, ctx.scale)
+    return grad_query, grad_memory, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "seqfast::attention_forward", _attention_backward, setup_context=_attention_setup_context)
+
+
+def _additive_attention_setup_context(ctx, inputs, output):
+    query_proj, memory_proj, memory, v, cu_q, cu_k, seqused_k, max_seqlen_k, need_weights = inputs
+    ctx.save_for_backward(query_proj, memory_proj, memory, v, cu_q, cu_k, seqused_k, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.max_seqlen_k, ctx.need_weights = max_seqlen_k, need_weights
+
+
+def _additive_attention_backward(ctx, grad_context, _grad_lse, grad_weights):
+    query_proj, memory_proj, memory, v, cu_q, cu_k, seqused_k, lse = ctx.saved_tensors
+    grads = torch.ops.seqfast.additive_attention_backward(
+        grad_context, _weights_grad(ctx, grad_weights), query_proj, memory_proj, memory, v, cu_q, cu_k,
+        seqused_k, lse, ctx.max_seqlen_k)
+    return (*grads, None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "seqfast::additive_attention_forward", _additive_attention_backward,
+    setup_context=_additive_attention_setup_context)
+
+
+def _location_attention_setup_context(ctx, inputs, output):
+    scores, memory, cu_q, cu_k, seqused_k, max_seqlen_k, need_weights = inputs
+    ctx.save_for_backward(scores, memory, cu_q, cu_k, seqused_k, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.max_seqlen_k, ctx.need_weights = max_seqlen_k, need_weights
+
+
+def _location_attention_backward(ctx, grad_context, _grad_lse, grad_weights):
+    scores, memory, cu_q, cu_k, seqused_k, lse = ctx.saved_tensors
+    grad_scores, grad_memory = torch.ops.seqfast.location_attention_backward(
+        grad_context, _weights_grad(ctx, grad_weights), scores, memory, cu_q, cu_k, seqused_k, lse,
+        ctx.max_seqlen_k)
+    return grad_scores, grad_memory, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "seqfast::location_attention_forward", _location_attention_backward,
+    setup_context=_location_attention_setup_context)
+# ================================================ end of attention ===================================
