@@ -20,16 +20,9 @@
 #include <limits>
 #include <vector>
 
+#include "multiversion.h"
 #include "seqfast/attention.h"
 
-// Same multiversioning as recurrent_layer_kernel.cpp: AVX-512, AVX2 and baseline x86-64, picked by the
-// loader. The helpers below are always_inline, so they are compiled for the caller's target.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SEQFAST_CPU_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SEQFAST_CPU_MULTIVERSION
-#endif
-#define SEQFAST_CPU_INLINE inline __attribute__((always_inline))
 
 namespace seqfast {
 namespace cpu {

@@ -14,16 +14,11 @@
 #include <cstring>
 #include <vector>
 
+#include "multiversion.h"
 #include "row_gemm.h"
 #include "seqfast/gates.h"
 #include "seqfast/recurrent.h"
 
-// Compile the pointwise loops for AVX-512, AVX2 and baseline x86-64; the loader picks one (ifunc).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SEQFAST_CPU_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SEQFAST_CPU_MULTIVERSION
-#endif
 
 namespace seqfast {
 namespace cpu {
@@ -173,7 +168,7 @@ struct LstmForwardStep {
 // The per-row loops take __restrict pointer parameters (GCC ignores restrict on locals), so each
 // inner loop vectorizes without alias checks.
 template <typename T, bool Save>
-inline __attribute__((always_inline)) void lstm_forward_row(
+SEQFAST_CPU_INLINE void lstm_forward_row(
     int64_t H, const T* __restrict gx, const T* __restrict gh, const T* __restrict bh,
     T* __restrict c, T* __restrict h, T* __restrict act, T* __restrict tanh_c, T* __restrict c_prev) {
   for (int64_t j = 0; j < H; ++j) {
@@ -218,7 +213,7 @@ struct GruForwardStep {
 };
 
 template <typename T, bool Save>
-inline __attribute__((always_inline)) void gru_forward_row(
+SEQFAST_CPU_INLINE void gru_forward_row(
     int64_t H, const T* __restrict gx, const T* __restrict gh, const T* __restrict bh,
     const T* __restrict hp, T* __restrict h, T* __restrict act, T* __restrict ghn_saved) {
   for (int64_t j = 0; j < H; ++j) {
@@ -255,7 +250,7 @@ struct RnnForwardStep {
 };
 
 template <typename T, Activation A>
-inline __attribute__((always_inline)) void rnn_forward_row(int64_t H, const T* __restrict gx,
+SEQFAST_CPU_INLINE void rnn_forward_row(int64_t H, const T* __restrict gx,
                                                            const T* __restrict gh,
                                                            const T* __restrict bh, T* __restrict h) {
   for (int64_t j = 0; j < H; ++j) h[j] = rnn_pointwise_forward<A>(gx[j] + gh[j] + bh[j]);
@@ -280,7 +275,7 @@ struct LstmBackwardStep {
 };
 
 template <typename T>
-inline __attribute__((always_inline)) void lstm_backward_row(
+SEQFAST_CPU_INLINE void lstm_backward_row(
     int64_t H, const T* __restrict act, const T* __restrict tc, const T* __restrict cp,
     const T* __restrict dh, T* __restrict dc, T* __restrict dg) {
   for (int64_t j = 0; j < H; ++j) {
@@ -316,7 +311,7 @@ struct GruBackwardStep {
 };
 
 template <typename T>
-inline __attribute__((always_inline)) void gru_backward_row(
+SEQFAST_CPU_INLINE void gru_backward_row(
     int64_t H, const T* __restrict act, const T* __restrict ghn, const T* __restrict hp,
     const T* __restrict dh, T* __restrict dgi, T* __restrict dgh, T* __restrict dhp) {
   for (int64_t j = 0; j < H; ++j) {
@@ -343,7 +338,7 @@ SEQFAST_CPU_MULTIVERSION void gru_backward_rows(const GruBackwardStep<T>& p, int
 }
 
 template <typename T, Activation A>
-inline __attribute__((always_inline)) void rnn_backward_row(int64_t H, const T* __restrict h,
+SEQFAST_CPU_INLINE void rnn_backward_row(int64_t H, const T* __restrict h,
                                                             const T* __restrict dh,
                                                             T* __restrict dpre) {
   for (int64_t j = 0; j < H; ++j) dpre[j] = rnn_pointwise_backward<A>(h[j], dh[j]);
