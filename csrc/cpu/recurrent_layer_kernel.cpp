@@ -14,6 +14,7 @@
 #include <cstring>
 #include <vector>
 
+#include "buffers.h"
 #include "multiversion.h"
 #include "row_gemm.h"
 #include "seqfast/gates.h"
@@ -373,12 +374,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   const Tensor gx = cpu::linear(x, w_ih, b_ih);  // (N, G*H): the input projection of every step
   const Tensor bias_hh = b_hh.has_value() ? b_hh->contiguous() : at::zeros({GH}, opts);
 
-  Tensor output = at::empty({N, P}, opts);
+  Tensor output = empty_buffer({N, P}, opts);
   Tensor h_state = hx.clone(at::MemoryFormat::Contiguous);
   Tensor c_state = is_lstm ? cx->clone(at::MemoryFormat::Contiguous) : at::empty({0}, opts);
 
   const WorkspaceLayout L(d.kind, H, P, d.projected);
-  Tensor ws = at::empty({training ? N * L.columns : 0}, opts);
+  Tensor ws = empty_buffer({training ? N * L.columns : 0}, opts);
   auto ws_block = [&](int64_t col, int64_t row, int64_t width) -> T* {
     return ws.data_ptr<T>() + L.block(col, N) + row * width;
   };
@@ -486,9 +487,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
                     : (grad_cy.has_value() ? grad_cy->clone(at::MemoryFormat::Contiguous)
                                            : at::zeros({B, H}, opts));
   // dgi: gradients of x W_ih^T + b_ih per token; dgh of h W_hh^T + b_hh (the same matrix but for GRU).
-  Tensor dgi = at::empty({N, GH}, opts);
-  Tensor dgh = is_gru ? at::empty({N, GH}, opts) : dgi;
-  Tensor dh_proj = d.projected ? at::empty({N, P}, opts) : Tensor();  // dL/d(projected h), per token
+  Tensor dgi = empty_buffer({N, GH}, opts);
+  Tensor dgh = is_gru ? empty_buffer({N, GH}, opts) : dgi;
+  Tensor dh_proj = d.projected ? empty_buffer({N, P}, opts) : Tensor();  // dL/d(projected h), per token
   Tensor dh_scratch = at::empty({B, d.projected ? H : P}, opts);
 
   RowGemm recurrent_t(w_hh.t(), B, N);  // dh_prev = dgh @ W_hh
