@@ -10,7 +10,7 @@ seqfast runs with need_weights=False (the weights are an optional output there);
 SDPA compute the full score matrix regardless.
 
 Time: median of interleaved samples after warm-up, in this process, same inputs for every impl
-(benchmarks/common.py's time_interleaved when it exists, else the same algorithm below).
+(seqfast.benchmarking.time_interleaved, shared with the recurrent benchmark).
 Peak memory: a fresh subprocess per (score, impl, config, mode) builds the inputs, runs the call once
 at a tiny size to load every library and thread pool, resets the RSS high-water mark (Linux
 /proc/self/clear_refs), runs the measured call once, and reports VmHWM - VmRSS-before-the-call.
@@ -40,33 +40,7 @@ import seqfast  # noqa: E402
 import seqfast.nn  # noqa: E402
 from seqfast import reference  # noqa: E402
 
-try:  # the shared harness, when present (benchmarks/common.py)
-    sys.path.insert(0, HERE)
-    from common import time_interleaved  # noqa: E402
-except ImportError:
-    def time_interleaved(fns, repeats, warmup, min_sample_s, max_time_s=None, min_repeats=5):
-        """Same contract as benchmarks/common.py: per-call seconds per fn (list of lists), inner calls."""
-        for _ in range(warmup):
-            for f in fns:
-                f()
-        t0 = time.perf_counter()
-        fns[0]()
-        inner = max(1, math.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-9)))
-        samples = [[] for _ in fns]
-        gc.disable()
-        start = time.perf_counter()
-        try:
-            for r in range(repeats):
-                if max_time_s and r >= min_repeats and time.perf_counter() - start > max_time_s:
-                    break
-                for i in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
-                    t = time.perf_counter()
-                    for _ in range(inner):
-                        fns[i]()
-                    samples[i].append((time.perf_counter() - t) / inner)
-        finally:
-            gc.enable()
-        return samples, inner
+from seqfast.benchmarking import time_interleaved  # noqa: E402
 
 SCORES = ("dot", "scaled_dot", "general", "concat", "location")
 CONFIGS = {"seq2seq": dict(B=64, Tq=50, Tk=50, D=256), "decode": dict(B=64, Tq=1, Tk=50, D=256)}
