@@ -9,6 +9,7 @@
 // and packed sequences cost no work on padding: step t touches rows [0, batch[t]) only.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -361,6 +362,56 @@ void parallel_rows(int64_t rows, int64_t grain, const F& f) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Row bands. The sequences of a layer are independent, so the time loop can run as independent loops
+// over bands of batch rows, one band per thread, with no synchronization per step: each thread does
+// its own per-step GEMM and gate pass for its rows. This parallelizes small layers, whose per-step
+// GEMM is too small for BLAS to split and whose gate pass is below the parallel grain (they otherwise
+// run the whole loop on one core), and it removes a fork/join per step. Large layers keep one band
+// and parallelize inside each step's GEMM and gate pass instead (measured in benchmarks/NOTES.md).
+// Bands are chosen so each holds about the same number of tokens (packed rows have different
+// lengths; row b is active at the steps with batch[t] > b).
+std::vector<int64_t> row_bands(const Schedule& s, const LayerDims& d) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t min_rows = 4;
+  // Multiply-adds of one step's recurrent GEMM: below this BLAS runs it on one core.
+  const int64_t per_step_macs = s.max_batch * d.G * d.H * d.P;
+  int64_t bands = std::min<int64_t>(threads, s.max_batch / min_rows);
+  if (per_step_macs >= (int64_t(1) << 22) || at::in_parallel_region()) bands = 1;
+  if (const char* forced = std::getenv("SEQFAST_ROW_BANDS")) bands = std::max<int64_t>(1, std::atoll(forced));
+  bands = std::max<int64_t>(1, std::min(bands, s.max_batch));
+  std::vector<int64_t> edges{0};
+  if (bands > 1) {
+    // length[b] = number of steps with batch[t] > b (rows are sorted by length, longest first).
+    std::vector<int64_t> steps_with_batch(s.max_batch + 1, 0), length(s.max_batch + 1, 0);
+    for (int64_t t = 0; t < s.steps(); ++t) steps_with_batch[s.batch[t]] += 1;
+    for (int64_t b = s.max_batch - 1; b >= 0; --b) length[b] = length[b + 1] + steps_with_batch[b + 1];
+    int64_t tokens_before = 0;
+    for (int64_t b = 0; b + 1 < s.max_batch && int64_t(edges.size()) < bands; ++b) {
+      tokens_before += length[b];
+      if (tokens_before * bands >= s.tokens * int64_t(edges.size())) edges.push_back(b + 1);
+    }
+  }
+  edges.push_back(s.max_batch);
+  return edges;
+}
+
+template <typename F>
+void for_each_band(const std::vector<int64_t>& edges, const F& f) {
+  const int64_t bands = static_cast<int64_t>(edges.size()) - 1;
+  if (bands == 1) {
+    f(edges[0], edges[1]);
+    return;
+  }
+  // Worker threads start with default thread-local state; the ATen calls in the loop must dispatch as
+  // they do on this thread (below autograd: the weights may require grad).
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, bands, 1, [&](int64_t k0, int64_t k1) {
+    at::ThreadLocalStateGuard guard(caller_state);
+    for (int64_t k = k0; k < k1; ++k) f(edges[k], edges[k + 1]);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
     const Tensor& input, const Schedule& s, const LayerDims& d, const Tensor& hx, const OptTensor& cx,
@@ -383,74 +434,80 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   auto ws_block = [&](int64_t col, int64_t row, int64_t width) -> T* {
     return ws.data_ptr<T>() + L.block(col, N) + row * width;
   };
-  // Unprojected LSTM output when projecting: saved rows when training, else a per-step scratch.
-  Tensor h_unproj_scratch = d.projected && !training ? at::empty({B, H}, opts) : Tensor();
-
   RowGemm recurrent(w_hh, B, N);
   std::optional<RowGemm> projection;
   if (d.projected) projection.emplace(*w_hr, B, N);
   const int64_t grain = row_grain(d);
 
-  for (int64_t step = 0; step < s.steps(); ++step) {
-    const int64_t t = reverse ? s.steps() - 1 - step : step;
-    const int64_t bs = s.batch[t], row0 = s.offset[t];
-    if (bs == 0) continue;
-    const Tensor h_prev = h_state.narrow(0, 0, bs);
-    if (training) {
-      std::memcpy(ws_block(L.h_prev, row0, P), h_prev.data_ptr<T>(), sizeof(T) * bs * P);
-    }
-    const Tensor gh = recurrent.compute(h_prev);
-    const T* gx_rows = rows_of<T>(gx, row0, GH);
-    T* out_rows = rows_of<T>(output, row0, P);
+  // The time loop over batch rows [r0, r1) (a band; see row_bands).
+  auto run_band = [&](int64_t r0, int64_t r1) {
+    if (r1 <= r0) return;
+    Tensor gh_scratch = recurrent.uses_onednn() ? Tensor() : at::empty({r1 - r0, GH}, opts);
+    // Unprojected LSTM output when projecting: saved rows when training, else a per-step scratch.
+    Tensor h_unproj_scratch = d.projected && !training ? at::empty({r1 - r0, H}, opts) : Tensor();
+    for (int64_t step = 0; step < s.steps(); ++step) {
+      const int64_t t = reverse ? s.steps() - 1 - step : step;
+      const int64_t rows = std::min(s.batch[t], r1) - r0;  // active rows of this band at step t
+      if (rows <= 0) continue;
+      const int64_t row0 = s.offset[t] + r0;  // token row of the band's first row
+      const Tensor h_prev = h_state.narrow(0, r0, rows);
+      if (training) {
+        std::memcpy(ws_block(L.h_prev, row0, P), h_prev.data_ptr<T>(), sizeof(T) * rows * P);
+      }
+      const Tensor gh = recurrent.compute(h_prev, gh_scratch);
+      const T* gx_rows = rows_of<T>(gx, row0, GH);
+      T* out_rows = rows_of<T>(output, row0, P);
 
-    if (is_lstm) {
-      LstmForwardStep<T> p;
-      p.gx = gx_rows;
-      p.gh = gh.data_ptr<T>();
-      p.b_hh = bias_hh.data_ptr<T>();
-      p.c = c_state.data_ptr<T>();
-      p.h = !d.projected ? out_rows
-                         : (training ? ws_block(L.h_unproj, row0, H) : h_unproj_scratch.data_ptr<T>());
-      if (training) {
-        p.act = ws_block(L.act, row0, 4 * H);
-        p.tanh_c = ws_block(L.tanh_c, row0, H);
-        p.c_prev = ws_block(L.c_prev, row0, H);
-        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { lstm_forward_rows<T, true>(p, H, b0, b1); });
+      if (is_lstm) {
+        LstmForwardStep<T> p;
+        p.gx = gx_rows;
+        p.gh = gh.data_ptr<T>();
+        p.b_hh = bias_hh.data_ptr<T>();
+        p.c = c_state.data_ptr<T>() + r0 * H;
+        p.h = !d.projected ? out_rows
+                           : (training ? ws_block(L.h_unproj, row0, H) : h_unproj_scratch.data_ptr<T>());
+        if (training) {
+          p.act = ws_block(L.act, row0, 4 * H);
+          p.tanh_c = ws_block(L.tanh_c, row0, H);
+          p.c_prev = ws_block(L.c_prev, row0, H);
+          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { lstm_forward_rows<T, true>(p, H, b0, b1); });
+        } else {
+          p.act = p.tanh_c = p.c_prev = nullptr;
+          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { lstm_forward_rows<T, false>(p, H, b0, b1); });
+        }
+        if (d.projected) {
+          const Tensor h_unproj = at::from_blob(p.h, {rows, H}, opts);
+          projection->compute_into(h_unproj, output.narrow(0, row0, rows), /*accumulate=*/false);
+        }
+      } else if (is_gru) {
+        GruForwardStep<T> p;
+        p.gx = gx_rows;
+        p.gh = gh.data_ptr<T>();
+        p.b_hh = bias_hh.data_ptr<T>();
+        p.h_prev = h_prev.data_ptr<T>();
+        p.h = out_rows;
+        if (training) {
+          p.act = ws_block(L.act, row0, 3 * H);
+          p.gh_n = ws_block(L.gh_n, row0, H);
+          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { gru_forward_rows<T, true>(p, H, b0, b1); });
+        } else {
+          p.act = p.gh_n = nullptr;
+          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { gru_forward_rows<T, false>(p, H, b0, b1); });
+        }
       } else {
-        p.act = p.tanh_c = p.c_prev = nullptr;
-        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { lstm_forward_rows<T, false>(p, H, b0, b1); });
+        RnnForwardStep<T> p{gx_rows, gh.data_ptr<T>(), bias_hh.data_ptr<T>(), out_rows};
+        if (d.kind == CellKind::RNN_TANH) {
+          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_forward_rows<T, Activation::Tanh>(p, H, b0, b1); });
+        } else {
+          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_forward_rows<T, Activation::Relu>(p, H, b0, b1); });
+        }
       }
-      if (d.projected) {
-        const Tensor h_unproj = at::from_blob(p.h, {bs, H}, opts);
-        projection->compute_into(h_unproj, output.narrow(0, row0, bs), /*accumulate=*/false);
-      }
-    } else if (is_gru) {
-      GruForwardStep<T> p;
-      p.gx = gx_rows;
-      p.gh = gh.data_ptr<T>();
-      p.b_hh = bias_hh.data_ptr<T>();
-      p.h_prev = h_state.data_ptr<T>();
-      p.h = out_rows;
-      if (training) {
-        p.act = ws_block(L.act, row0, 3 * H);
-        p.gh_n = ws_block(L.gh_n, row0, H);
-        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { gru_forward_rows<T, true>(p, H, b0, b1); });
-      } else {
-        p.act = p.gh_n = nullptr;
-        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { gru_forward_rows<T, false>(p, H, b0, b1); });
-      }
-    } else {
-      RnnForwardStep<T> p{gx_rows, gh.data_ptr<T>(), bias_hh.data_ptr<T>(), out_rows};
-      if (d.kind == CellKind::RNN_TANH) {
-        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { rnn_forward_rows<T, Activation::Tanh>(p, H, b0, b1); });
-      } else {
-        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { rnn_forward_rows<T, Activation::Relu>(p, H, b0, b1); });
-      }
+      // The step's output is the next step's h for the rows that continue; rows that are not active
+      // keep their last state, which is what h_n holds for sequences that already ended.
+      std::memcpy(h_prev.data_ptr<T>(), out_rows, sizeof(T) * rows * P);
     }
-    // The step's output is the next step's h for the rows that continue; rows >= bs keep their last
-    // state, which is what h_n holds for sequences that already ended.
-    std::memcpy(h_state.data_ptr<T>(), out_rows, sizeof(T) * bs * P);
-  }
+  };
+  for_each_band(row_bands(s, d), run_band);
 
   const auto out_shape = [&] {
     auto sizes = input.sizes().vec();
@@ -490,53 +547,58 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   Tensor dgi = empty_buffer({N, GH}, opts);
   Tensor dgh = is_gru ? empty_buffer({N, GH}, opts) : dgi;
   Tensor dh_proj = d.projected ? empty_buffer({N, P}, opts) : Tensor();  // dL/d(projected h), per token
-  Tensor dh_scratch = at::empty({B, d.projected ? H : P}, opts);
 
   RowGemm recurrent_t(w_hh.t(), B, N);  // dh_prev = dgh @ W_hh
   std::optional<RowGemm> projection_t;
   if (d.projected) projection_t.emplace(w_hr->t(), B, N);  // dh = dh_proj @ W_hr
   const int64_t grain = row_grain(d);
 
-  for (int64_t step = s.steps() - 1; step >= 0; --step) {
-    const int64_t t = reverse ? s.steps() - 1 - step : step;
-    const int64_t bs = s.batch[t], row0 = s.offset[t];
-    if (bs == 0) continue;
-    Tensor dh_rows = dh_state.narrow(0, 0, bs);
-    // Total gradient w.r.t. this step's h: from the output and from step t+1 (or h_n).
-    Tensor dh;
-    if (d.projected) {
-      Tensor dh_p = dh_proj.narrow(0, row0, bs);
-      at::add_out(dh_p, dh_rows, gout.narrow(0, row0, bs));
-      dh = dh_scratch.narrow(0, 0, bs);
-      projection_t->compute_into(dh_p, dh, /*accumulate=*/false);
-    } else {
-      dh = dh_scratch.narrow(0, 0, bs);
-      at::add_out(dh, dh_rows, gout.narrow(0, row0, bs));
-    }
-    const T* dh_p = dh.data_ptr<T>();
-    T* dgi_rows = rows_of<T>(dgi, row0, GH);
-
-    if (is_lstm) {
-      LstmBackwardStep<T> p{ws_block(L.act, row0, 4 * H), ws_block(L.tanh_c, row0, H),
-                            ws_block(L.c_prev, row0, H), dh_p, dc_state.data_ptr<T>(), dgi_rows};
-      parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { lstm_backward_rows<T>(p, H, b0, b1); });
-      recurrent_t.compute_into(dgi.narrow(0, row0, bs), dh_rows, /*accumulate=*/false);
-    } else if (is_gru) {
-      GruBackwardStep<T> p{ws_block(L.act, row0, 3 * H), ws_block(L.gh_n, row0, H),
-                           ws_block(L.h_prev, row0, H), dh_p, dgi_rows, rows_of<T>(dgh, row0, GH),
-                           dh_state.data_ptr<T>()};
-      parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { gru_backward_rows<T>(p, H, b0, b1); });
-      recurrent_t.compute_into(dgh.narrow(0, row0, bs), dh_rows, /*accumulate=*/true);
-    } else {
-      const T* h_rows = rows_of<T>(out2d, row0, P);
-      if (d.kind == CellKind::RNN_TANH) {
-        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { rnn_backward_rows<T, Activation::Tanh>(h_rows, dh_p, dgi_rows, H, b0, b1); });
+  // The reverse time loop over batch rows [r0, r1) (a band; see row_bands).
+  auto run_band = [&](int64_t r0, int64_t r1) {
+    if (r1 <= r0) return;
+    Tensor dh_scratch = at::empty({r1 - r0, d.projected ? H : P}, opts);
+    for (int64_t step = s.steps() - 1; step >= 0; --step) {
+      const int64_t t = reverse ? s.steps() - 1 - step : step;
+      const int64_t rows = std::min(s.batch[t], r1) - r0;
+      if (rows <= 0) continue;
+      const int64_t row0 = s.offset[t] + r0;
+      Tensor dh_rows = dh_state.narrow(0, r0, rows);
+      // Total gradient w.r.t. this step's h: from the output and from step t+1 (or h_n).
+      Tensor dh = dh_scratch.narrow(0, 0, rows);
+      if (d.projected) {
+        Tensor dh_p = dh_proj.narrow(0, row0, rows);
+        at::add_out(dh_p, dh_rows, gout.narrow(0, row0, rows));
+        projection_t->compute_into(dh_p, dh, /*accumulate=*/false);
       } else {
-        parallel_rows(bs, grain, [&](int64_t b0, int64_t b1) { rnn_backward_rows<T, Activation::Relu>(h_rows, dh_p, dgi_rows, H, b0, b1); });
+        at::add_out(dh, dh_rows, gout.narrow(0, row0, rows));
       }
-      recurrent_t.compute_into(dgi.narrow(0, row0, bs), dh_rows, /*accumulate=*/false);
+      const T* dh_ptr = dh.data_ptr<T>();
+      T* dgi_rows = rows_of<T>(dgi, row0, GH);
+
+      if (is_lstm) {
+        LstmBackwardStep<T> p{ws_block(L.act, row0, 4 * H), ws_block(L.tanh_c, row0, H),
+                              ws_block(L.c_prev, row0, H), dh_ptr, dc_state.data_ptr<T>() + r0 * H,
+                              dgi_rows};
+        parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { lstm_backward_rows<T>(p, H, b0, b1); });
+        recurrent_t.compute_into(dgi.narrow(0, row0, rows), dh_rows, /*accumulate=*/false);
+      } else if (is_gru) {
+        GruBackwardStep<T> p{ws_block(L.act, row0, 3 * H), ws_block(L.gh_n, row0, H),
+                             ws_block(L.h_prev, row0, H), dh_ptr, dgi_rows, rows_of<T>(dgh, row0, GH),
+                             dh_rows.data_ptr<T>()};
+        parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { gru_backward_rows<T>(p, H, b0, b1); });
+        recurrent_t.compute_into(dgh.narrow(0, row0, rows), dh_rows, /*accumulate=*/true);
+      } else {
+        const T* h_rows = rows_of<T>(out2d, row0, P);
+        if (d.kind == CellKind::RNN_TANH) {
+          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_backward_rows<T, Activation::Tanh>(h_rows, dh_ptr, dgi_rows, H, b0, b1); });
+        } else {
+          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_backward_rows<T, Activation::Relu>(h_rows, dh_ptr, dgi_rows, H, b0, b1); });
+        }
+        recurrent_t.compute_into(dgi.narrow(0, row0, rows), dh_rows, /*accumulate=*/false);
+      }
     }
-  }
+  };
+  for_each_band(row_bands(s, d), run_band);
 
   // The weight, input and bias gradients: one GEMM / one reduction each, over all tokens.
   const Tensor x = input.reshape({N, d.I});

@@ -78,16 +78,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
 RowGemm::RowGemm(const at::Tensor& weight, int64_t max_rows, int64_t total_rows) {
   TORCH_INTERNAL_ASSERT(weight.dim() == 2);
   weight_t_ = weight.t();
-  if (max_rows > 0 && use_onednn(weight, total_rows)) {
-    packed_ = onednn_reorder(weight, max_rows);
-  } else {
-    buffer_ = at::empty({std::max<int64_t>(max_rows, 0), weight.size(0)}, weight.options());
-  }
+  if (max_rows > 0 && use_onednn(weight, total_rows)) packed_ = onednn_reorder(weight, max_rows);
 }
 
-at::Tensor RowGemm::compute(const at::Tensor& a) {
+at::Tensor RowGemm::compute(const at::Tensor& a, const at::Tensor& scratch) {
   if (packed_.defined()) return onednn_linear(a, packed_);
-  at::Tensor out = buffer_.narrow(0, 0, a.size(0));
+  at::Tensor out = scratch.narrow(0, 0, a.size(0));
   at::mm_out(out, a, weight_t_);
   return out;
 }

@@ -18,9 +18,10 @@ class RowGemm {
   // calls to come, which decides whether reordering the weight for oneDNN pays for itself.
   RowGemm(const at::Tensor& weight, int64_t max_rows, int64_t total_rows);
 
-  // a: (rows, k) contiguous. Returns a @ W^T, (rows, n) contiguous. The result may live in a buffer
-  // that the next call reuses: consume it before calling again.
-  at::Tensor compute(const at::Tensor& a);
+  // a: (rows, k) contiguous. Returns a @ W^T, (rows, n) contiguous: a fresh tensor from oneDNN, or
+  // the first `rows` rows of `scratch` ((>= rows, n), needed only when !uses_onednn()). Calls from
+  // several threads are safe with one scratch per thread.
+  at::Tensor compute(const at::Tensor& a, const at::Tensor& scratch);
 
   // out (rows, n), contiguous rows: out = a @ W^T, or out += a @ W^T when accumulate is set.
   void compute_into(const at::Tensor& a, const at::Tensor& out, bool accumulate);
@@ -30,7 +31,6 @@ class RowGemm {
  private:
   at::Tensor weight_t_;  // (k, n) view of W^T for at::mm
   at::Tensor packed_;    // oneDNN-blocked W, when available
-  at::Tensor buffer_;    // (max_rows, n) result buffer of the at::mm path
 };
 
 // x W^T + bias for x (M, k), weight (n, k), bias (n) or undefined: the one-shot GEMMs around the time
