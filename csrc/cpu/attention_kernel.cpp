@@ -502,21 +502,20 @@ std::tuple<Tensor, Tensor, Tensor> attention_forward_cpu(
   });
 }
 
-std::tuple<Tensor, Tensor> attention_backward_cpu(
-    const Tensor& grad_context, const OptTensor& grad_weights, const Tensor& query,
-    const Tensor& memory, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
-    const OptTensor& seqused_k, const Tensor& lse, int64_t max_seqlen_k, double scale) {
-  const char* op = "attention_backward";
-  check_float(memory, op);
-  const Layout l = make_layout(op, query.size(0), memory.size(0), cu_seqlens_q, cu_seqlens_k,
-                               seqused_k, max_seqlen_k);
+// The backward of the two families whose kernel reads one query row per query (dot-product scores,
+// or the precomputed location scores): returns the gradients of that row and of the memory.
+template <ScoreKind Kind>
+std::tuple<Tensor, Tensor> query_row_backward(const char* op, const Layout& l,
+                                              const Tensor& grad_context,
+                                              const OptTensor& grad_weights, const Tensor& query,
+                                              const Tensor& memory, const Tensor& lse, double scale) {
   check_rows(grad_context, op, "grad_context", memory);
   check_grad_weights(grad_weights, l, memory, op);
   const Tensor q = query.contiguous(), m = memory.contiguous(), go = grad_context.contiguous();
   const Tensor ls = lse.contiguous();
   const Tensor gw = grad_weights.has_value() ? grad_weights->contiguous() : Tensor();
   Tensor grad_query = at::empty_like(q), grad_memory = at::empty_like(m);
-  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "attention_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "query_row_backward", [&] {
     AttentionParams<scalar_t> p = params_of<scalar_t>(l);
     p.query = q.data_ptr<scalar_t>();
     p.query_width = q.size(1);
@@ -528,9 +527,21 @@ std::tuple<Tensor, Tensor> attention_backward_cpu(
     p.grad_weights = gw.defined() ? gw.data_ptr<scalar_t>() : nullptr;
     p.grad_query = grad_query.data_ptr<scalar_t>();
     p.grad_memory = grad_memory.data_ptr<scalar_t>();
-    run_backward<scalar_t, ScoreKind::Dot>(p, l);
+    run_backward<scalar_t, Kind>(p, l);
   });
   return {grad_query, grad_memory};
+}
+
+std::tuple<Tensor, Tensor> attention_backward_cpu(
+    const Tensor& grad_context, const OptTensor& grad_weights, const Tensor& query,
+    const Tensor& memory, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+    const OptTensor& seqused_k, const Tensor& lse, int64_t max_seqlen_k, double scale) {
+  const char* op = "attention_backward";
+  check_float(memory, op);
+  const Layout l = make_layout(op, query.size(0), memory.size(0), cu_seqlens_q, cu_seqlens_k,
+                               seqused_k, max_seqlen_k);
+  return query_row_backward<ScoreKind::Dot>(op, l, grad_context, grad_weights, query, memory, lse,
+                                            scale);
 }
 
 std::tuple<Tensor, Tensor, Tensor> additive_attention_forward_cpu(
@@ -633,26 +644,8 @@ std::tuple<Tensor, Tensor> location_attention_backward_cpu(
   check_float(memory, op);
   const Layout l = make_layout(op, scores.size(0), memory.size(0), cu_seqlens_q, cu_seqlens_k,
                                seqused_k, max_seqlen_k, scores.size(1));
-  check_rows(grad_context, op, "grad_context", memory);
-  check_grad_weights(grad_weights, l, memory, op);
-  const Tensor s = scores.contiguous(), m = memory.contiguous(), go = grad_context.contiguous();
-  const Tensor ls = lse.contiguous();
-  const Tensor gw = grad_weights.has_value() ? grad_weights->contiguous() : Tensor();
-  Tensor grad_scores = at::empty_like(s), grad_memory = at::empty_like(m);
-  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "location_attention_backward", [&] {
-    AttentionParams<scalar_t> p = params_of<scalar_t>(l);
-    p.query = s.data_ptr<scalar_t>();
-    p.query_width = s.size(1);
-    p.memory = m.data_ptr<scalar_t>();
-    p.Dm = m.size(1);
-    p.lse = ls.data_ptr<scalar_t>();
-    p.grad_context = go.data_ptr<scalar_t>();
-    p.grad_weights = gw.defined() ? gw.data_ptr<scalar_t>() : nullptr;
-    p.grad_query = grad_scores.data_ptr<scalar_t>();
-    p.grad_memory = grad_memory.data_ptr<scalar_t>();
-    run_backward<scalar_t, ScoreKind::Location>(p, l);
-  });
-  return {grad_scores, grad_memory};
+  return query_row_backward<ScoreKind::Location>(op, l, grad_context, grad_weights, scores, memory,
+                                                 lse, /*scale=*/1.0);
 }
 
 }  // namespace
