@@ -4,7 +4,7 @@
 #   2. runs the CUDA tests (tests/test_cuda.py),
 #   3. runs the GPU benchmark (benchmarks/bench_gpu.py: seqfast vs cuDNN, CUDA events, median),
 # and prints a short summary with the benchmark table last. Budget: under 8 minutes (each stage has
-# its own timeout). Full logs go to $OUT when it is set, else to a temporary folder (printed).
+# its own timeout: build 240 s, tests 120 s, benchmark 90 s). Full logs go to $OUT when it is set, else to a temporary folder (printed).
 #
 #   benchmarks/gpu_check.sh                   # uses `python` (or $PYTHON)
 #   OUT=/some/dir PYTHON=/venv/bin/python MAX_JOBS=8 benchmarks/gpu_check.sh
@@ -33,7 +33,7 @@ fi
 # 1. Build (in place; a second run reuses build/ and is quick).
 t0=$(now)
 echo "== build (MAX_JOBS=$MAX_JOBS), log: $LOGS/build.log"
-if SEQFAST_CUDA=1 timeout 330 "$PYTHON" setup.py build_ext --inplace > "$LOGS/build.log" 2>&1 &&
+if SEQFAST_CUDA=1 timeout 240 "$PYTHON" setup.py build_ext --inplace > "$LOGS/build.log" 2>&1 &&
    "$PYTHON" -c "import seqfast._extension as e, sys; sys.exit(0 if e.cuda_kernels_compiled() else 1)" \
      >> "$LOGS/build.log" 2>&1; then
   summary+=("build: ok in $(( $(now) - t0 )) s ($(grep -m1 '^seqfast: building' "$LOGS/build.log"))")
@@ -47,7 +47,7 @@ fi
 # 2. CUDA tests.
 t0=$(now)
 echo "== tests/test_cuda.py, log: $LOGS/test_cuda.log"
-timeout 180 "$PYTHON" -m pytest tests/test_cuda.py -q -rfEs -p no:cacheprovider > "$LOGS/test_cuda.log" 2>&1
+timeout 120 "$PYTHON" -m pytest tests/test_cuda.py -q -rfEs -p no:cacheprovider > "$LOGS/test_cuda.log" 2>&1
 rc=$?
 [ $rc -ne 0 ] && status=1
 summary+=("tests/test_cuda.py: rc=$rc in $(( $(now) - t0 )) s: $(tail -1 "$LOGS/test_cuda.log")")
@@ -56,7 +56,7 @@ grep -E "^(FAILED|ERROR)" "$LOGS/test_cuda.log" | head -20
 # 3. Benchmark.
 t0=$(now)
 echo "== benchmarks/bench_gpu.py, log: $LOGS/bench_gpu.log"
-timeout 150 "$PYTHON" benchmarks/bench_gpu.py --json "$LOGS/bench_gpu.json" > "$LOGS/bench_gpu.md" 2> "$LOGS/bench_gpu.log"
+timeout 90 "$PYTHON" benchmarks/bench_gpu.py --json "$LOGS/bench_gpu.json" > "$LOGS/bench_gpu.md" 2> "$LOGS/bench_gpu.log"
 rc=$?
 [ $rc -ne 0 ] && status=1
 summary+=("benchmark: rc=$rc in $(( $(now) - t0 )) s, json: $LOGS/bench_gpu.json")
