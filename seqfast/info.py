@@ -13,9 +13,9 @@ def main():
     print("fused kernels:")
     print("  CPU : LSTM, GRU, RNN (tanh/relu) layers and cells, padded and PackedSequence; "
           "float32, float64")
-    print(f"  CUDA: {'compiled' if cuda else 'not compiled in this build'}"
+    print(f"  CUDA: {'LSTM, GRU, RNN layers and cells; float32, float64, float16, bfloat16 (compile-checked, not yet run on a GPU)' if cuda else 'not compiled in this build'}"
           + (f"; devices visible: {torch.cuda.device_count()}" if cuda else ""))
-    print("other dtypes (float16, bfloat16) and devices without a seqfast kernel run torch's own "
+    print("float16/bfloat16 on the CPU, and devices without a seqfast kernel, run torch's own "
           "implementation")
 
 

@@ -20,6 +20,7 @@
 #include "row_gemm.h"
 #include "seqfast/gates.h"
 #include "seqfast/recurrent.h"
+#include "seqfast/recurrent_args.h"
 
 
 namespace seqfast {
@@ -27,119 +28,10 @@ namespace cpu {
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
 
-// ------------------------------------------------------------------------------------------------
-// Time-major packed schedule: step t covers token rows [offset[t], offset[t] + batch[t]).
-struct Schedule {
-  std::vector<int64_t> batch;
-  std::vector<int64_t> offset;
-  int64_t tokens = 0;
-  int64_t max_batch = 0;
-  int64_t steps() const { return static_cast<int64_t>(batch.size()); }
-};
-
-Schedule make_schedule(const Tensor& input, const OptTensor& batch_sizes) {
-  Schedule s;
-  if (!batch_sizes.has_value()) {
-    TORCH_CHECK(input.dim() == 3, "seqfast: padded input must be 3-D (T, B, I), got ", input.dim(),
-                "-D");
-    const int64_t T = input.size(0), B = input.size(1);
-    s.batch.assign(T, B);
-    s.offset.resize(T);
-    for (int64_t t = 0; t < T; ++t) s.offset[t] = t * B;
-    s.tokens = T * B;
-    s.max_batch = B;
-  } else {
-    const Tensor& bs = *batch_sizes;
-    TORCH_CHECK(input.dim() == 2, "seqfast: packed input data must be 2-D (N, I), got ", input.dim(),
-                "-D");
-    TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(),
-                "seqfast: batch_sizes must be a 1-D int64 CPU tensor (as in PackedSequence), got ",
-                bs.dim(), "-D ", bs.scalar_type(), " on ", bs.device());
-    const Tensor bs_c = bs.contiguous();
-    const int64_t* p = bs_c.data_ptr<int64_t>();
-    const int64_t T = bs_c.numel();
-    s.batch.resize(T);
-    s.offset.resize(T);
-    int64_t total = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      TORCH_CHECK(p[t] > 0, "seqfast: batch_sizes must be positive, got ", p[t], " at step ", t);
-      TORCH_CHECK(t == 0 || p[t] <= p[t - 1],
-                  "seqfast: batch_sizes must be non-increasing (sequences sorted by length, as "
-                  "pack_padded_sequence makes them), got ", p[t - 1 < 0 ? 0 : t - 1], " then ", p[t],
-                  " at step ", t);
-      s.batch[t] = p[t];
-      s.offset[t] = total;
-      total += p[t];
-    }
-    TORCH_CHECK(total == input.size(0), "seqfast: batch_sizes sum to ", total,
-                " but the packed data has ", input.size(0), " rows");
-    s.tokens = total;
-    s.max_batch = T > 0 ? p[0] : 0;
-  }
-  TORCH_CHECK(s.steps() > 0, "Expected sequence length to be larger than 0 in RNN");
-  return s;
-}
-
-// ------------------------------------------------------------------------------------------------
-struct LayerDims {
-  CellKind kind;
-  int64_t G, H, P, I, B, N;
-  bool projected;
-};
-
-void check_vector(const OptTensor& t, const char* name, int64_t size, const Tensor& input) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == size, "seqfast: ", name, " must have shape (", size,
-              "), got ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == input.scalar_type() && t->device() == input.device(), "seqfast: ",
-              name, " must be ", input.scalar_type(), " on ", input.device(), ", got ",
-              t->scalar_type(), " on ", t->device());
-}
-
-void check_matrix(const Tensor& t, const char* name, int64_t rows, int64_t cols,
-                  const Tensor& input) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "seqfast: ", name,
-              " must have shape (", rows, ", ", cols, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == input.scalar_type() && t.device() == input.device(), "seqfast: ",
-              name, " must be ", input.scalar_type(), " on ", input.device(), ", got ",
-              t.scalar_type(), " on ", t.device());
-}
-
-LayerDims check_layer(const Tensor& input, const Schedule& s, const Tensor& hx, const OptTensor& cx,
-                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
-                      const OptTensor& b_hh, const OptTensor& w_hr, int64_t mode) {
-  TORCH_CHECK(mode >= 0 && mode <= 3, "seqfast: mode must be 0 (LSTM), 1 (GRU), 2 (RNN tanh) or 3 "
-              "(RNN relu), got ", mode);
+void check_cpu_dtype(const Tensor& input) {
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "seqfast: the fused CPU kernels support float32 and float64, got ", input.scalar_type());
-  LayerDims d;
-  d.kind = static_cast<CellKind>(mode);
-  d.G = gate_count(d.kind);
-  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % d.G == 0 && w_ih.size(0) > 0,
-              "seqfast: w_ih must be 2-D with a positive multiple of ", d.G, " rows, got ",
-              w_ih.sizes());
-  d.H = w_ih.size(0) / d.G;
-  d.I = input.size(-1);
-  d.projected = w_hr.has_value();
-  TORCH_CHECK(!d.projected || d.kind == CellKind::LSTM, "seqfast: w_hr (projection) is LSTM-only");
-  d.P = d.projected ? w_hr->size(0) : d.H;
-  d.B = s.max_batch;
-  d.N = s.tokens;
-  check_matrix(w_ih, "w_ih", d.G * d.H, d.I, input);
-  check_matrix(w_hh, "w_hh", d.G * d.H, d.P, input);
-  if (d.projected) check_matrix(*w_hr, "w_hr", d.P, d.H, input);
-  check_vector(b_ih, "b_ih", d.G * d.H, input);
-  check_vector(b_hh, "b_hh", d.G * d.H, input);
-  check_matrix(hx, "hx", d.B, d.P, input);
-  if (d.kind == CellKind::LSTM) {
-    TORCH_CHECK(cx.has_value(), "seqfast: LSTM needs cx");
-    check_matrix(*cx, "cx", d.B, d.H, input);
-  } else {
-    TORCH_CHECK(!cx.has_value(), "seqfast: cx is only for LSTM");
-  }
-  return d;
 }
 
 // Rows per parallel chunk: at least at::internal::GRAIN_SIZE (32768) gate elements, torch's own
@@ -618,6 +510,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrent_layer_forward_cpu(
     const Tensor& input, const OptTensor& batch_sizes, const Tensor& hx, const OptTensor& cx,
     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
     const OptTensor& w_hr, int64_t mode, bool reverse, bool training) {
+  check_cpu_dtype(input);
   const Schedule s = make_schedule(input, batch_sizes);
   const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode);
   return AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "recurrent_layer_forward", [&] {
@@ -634,6 +527,7 @@ recurrent_layer_backward_cpu(const Tensor& grad_output, const Tensor& grad_hy,
                              const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& output,
                              const Tensor& workspace, int64_t mode, bool reverse,
                              bool input_grad) {
+  check_cpu_dtype(input);
   const Schedule s = make_schedule(input, batch_sizes);
   const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode);
   TORCH_CHECK(grad_output.numel() == d.N * d.P && grad_hy.sizes() == hx.sizes(),

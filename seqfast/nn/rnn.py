@@ -6,9 +6,10 @@ torch.nn.LSTM/GRU/RNN: dynamo refuses to trace instances of those three classes,
 are meant to work under torch.compile(fullgraph=True). Argument checking reuses torch's own methods,
 so errors carry torch's exact types and messages.
 
-float32/float64 inputs on a device with seqfast kernels run the fused kernels (one op call per layer
-and direction, the time loop in C++). Any other dtype (float16, bfloat16) or device is delegated to
-torch's own implementation (torch._VF), documented in the README.
+float32/float64 inputs on the CPU, and float32/float64/float16/bfloat16 inputs on CUDA when this build
+has the CUDA kernels, run the fused kernels (one op call per layer and direction, the time loop in
+C++). Anything else (float16/bfloat16 on the CPU, other devices) is delegated to torch's own
+implementation (torch._VF), documented in the README.
 """
 import torch
 import torch.nn.functional as F
@@ -18,13 +19,15 @@ from torch.nn.utils.rnn import PackedSequence
 from .. import ops
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
+# The CUDA kernels also take float16/bfloat16 (float32 accumulation; csrc/cuda/recurrent_layer_cuda.h).
+_FUSED_DTYPES_CUDA = _FUSED_DTYPES + (torch.float16, torch.bfloat16)
 
 
 def _has_fused_kernel(t: torch.Tensor) -> bool:
-    if t.dtype not in _FUSED_DTYPES:
-        return False
     if t.device.type == "cpu":
-        return True
+        return t.dtype in _FUSED_DTYPES
+    if t.dtype not in (_FUSED_DTYPES_CUDA if t.device.type == "cuda" else _FUSED_DTYPES):
+        return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(
         "seqfast::recurrent_layer_forward", t.device.type.upper())
 
