@@ -147,7 +147,7 @@ def peak_memory(score, impl, config, mode):
 
 # ----------------------------------------------------------------------------------------- main
 def run(scores, configs, quick, memory):
-    repeats, warmup, min_sample_s, max_time_s = (7, 1, 0.02, 3.0) if quick else (15, 2, 0.05, 10.0)
+    repeats, warmup, min_sample_s, max_time_s = (5, 1, 0.01, 1.0) if quick else (15, 2, 0.05, 10.0)
     rows = []
     for config in configs:
         for score in scores:

@@ -1,28 +1,30 @@
 """python -m seqfast.bench — seqfast vs torch.nn on this machine, in one process.
 
-Runs the recurrent-layer benchmarks (LSTM, GRU, RNN and their cells; inference and training; fp32),
-prints a markdown table, and writes JSON and a PNG bar chart of the speedups.
+Runs the recurrent-layer benchmarks (LSTM, GRU, RNN and their cells; inference and training; fp32)
+and the packed-attention benchmark (five scores, seq2seq and decode shapes), prints markdown tables,
+and writes JSON and a PNG bar chart of the speedups.
 
-    python -m seqfast.bench            # every config (~15 min on 2 cores)
-    python -m seqfast.bench --quick    # small configs, < 1 min on 2 cores
+    python -m seqfast.bench            # every config, attention peak memory included (~8 min on 2 cores)
+    python -m seqfast.bench --quick    # small recurrent configs, attention timing only, < 1 min
 """
 import argparse
 import os
 import sys
 import time
 
-from . import benchmarking
+from . import attention_benchmark, benchmarking
 
 
 def plot_speedups(rows, path, title):
-    """Horizontal bar chart of torch/seqfast time ratios; the line at 1 is parity."""
+    """Horizontal bar chart of baseline/seqfast time ratios; the line at 1 is parity.
+
+    rows: dicts with "label" and "speedup"."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if not r.get("error")]
-    labels = [f"{r['cell']} {r['config']} {r['mode']}" for r in rows]
+    labels = [r["label"] for r in rows]
     speedups = [r["speedup"] for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.28 * len(rows) + 1.5))
     colors = ["tab:green" if s >= 1 else "tab:red" for s in speedups]
@@ -31,7 +33,7 @@ def plot_speedups(rows, path, title):
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("speedup = torch.nn time / seqfast time (log scale)")
+    ax.set_xlabel("speedup = torch.nn (or padded reference) time / seqfast time (log scale)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -50,16 +52,29 @@ def main(argv=None):
           f"{meta['torch_threads']} threads | {meta['cpu_model']}", file=sys.stderr)
     start = time.perf_counter()
     rows = benchmarking.run_rnn_benchmarks(quick=args.quick, impl="seqfast.nn")
+    print("attention ...", file=sys.stderr)
+    attention_rows = attention_benchmark.run(attention_benchmark.SCORES,
+                                             list(attention_benchmark.CONFIGS), quick=args.quick,
+                                             memory=not args.quick)
     meta.update(quick=args.quick, elapsed_s=round(time.perf_counter() - start, 1))
 
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "bench_rnn.json")
+    attention_json = os.path.join(args.out, "bench_attention.json")
     png_path = os.path.join(args.out, "speedups.png")
     benchmarking.write_json(rows, json_path, meta)
-    plot_speedups(rows, png_path, f"seqfast vs torch.nn, {meta['cpu_model']}, "
+    benchmarking.write_json(attention_rows, attention_json, meta)
+    bars = [{"label": f"{r['cell']} {r['config']} {r['mode']}", "speedup": r["speedup"]}
+            for r in rows if not r.get("error")]
+    bars += [{"label": f"Attention {r['score']} Tq={r['Tq']} {r['mode']}",
+              "speedup": r["speedup_vs_reference"]} for r in attention_rows]
+    plot_speedups(bars, png_path, f"seqfast vs torch.nn / padded reference, {meta['cpu_model']}, "
                                   f"{meta['torch_threads']} threads, torch {meta['torch_version']}")
     print(benchmarking.markdown_table(rows))
-    print(f"\nwrote {os.path.abspath(json_path)}\nwrote {os.path.abspath(png_path)}")
+    print()
+    print(attention_benchmark.markdown_table(attention_rows))
+    print(f"\nwrote {os.path.abspath(json_path)}\nwrote {os.path.abspath(attention_json)}"
+          f"\nwrote {os.path.abspath(png_path)}")
     return 1 if any(r.get("error") for r in rows) else 0
 
 
