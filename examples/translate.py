@@ -186,8 +186,9 @@ class Translator(nn.Module):
 
 # --- metric ----------------------------------------------------------------------------------------
 def chrf(hypotheses, references, order=6, beta=2.0):
-    """Corpus chrF (Popovic 2015) as sacrebleu computes its default: character n-grams (n <= 6) of the
-    sentences with whitespace removed, statistics summed over the corpus, F-beta per order, averaged."""
+    """Corpus chrF (Popovic 2015) as sacrebleu 2.x computes its default: character n-grams (n <= 6) of
+    the sentences with whitespace removed, counts summed over the corpus, precision and recall averaged
+    over the orders that occur, then F-beta of the two averages."""
     stats = [[0, 0, 0] for _ in range(order)]  # per n: hypothesis n-grams, reference n-grams, matches
     for hyp, ref in zip(hypotheses, references):
         hyp, ref = re.sub(r"\s+", "", hyp), re.sub(r"\s+", "", ref)
@@ -197,14 +198,11 @@ def chrf(hypotheses, references, order=6, beta=2.0):
             stats[n - 1][0] += sum(h.values())
             stats[n - 1][1] += sum(r.values())
             stats[n - 1][2] += sum((h & r).values())
-    score, effective = 0.0, 0
-    for n_hyp, n_ref, n_match in stats:
-        if n_hyp and n_ref:
-            effective += 1
-            p, r = n_match / n_hyp, n_match / n_ref
-            if p + r > 0:
-                score += (1 + beta ** 2) * p * r / (beta ** 2 * p + r)
-    return 100 * score / effective if effective else 0.0
+    orders = [(m / h, m / r) for h, r, m in stats if h and r]
+    if not orders:
+        return 0.0
+    p, r = sum(p for p, _ in orders) / len(orders), sum(r for _, r in orders) / len(orders)
+    return 100 * (1 + beta ** 2) * p * r / (beta ** 2 * p + r) if p + r else 0.0
 
 
 # --- run -------------------------------------------------------------------------------------------
