@@ -262,8 +262,9 @@ def plot_attention(path, src_tokens, out_tokens, weights, score):
     ax.set_yticks(range(len(out_tokens)))
     ax.set_yticklabels(y_labels)
     ax.set_xlabel("English (encoder steps)")
-    ax.set_ylabel("Korean output (decoder steps)" + ("" if font else "; words printed on stdout"))
-    ax.set_title(f"attention weights, score={score!r}")
+    ax.set_ylabel("Korean output (decoder steps)")
+    ax.set_title(f"attention weights, score={score!r}" + ("" if font else "\n(no Hangul font: rows are "
+                                                          "numbered, words printed on stdout)"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
