@@ -56,9 +56,15 @@ def _recurrent_layer_backward_fake(grad_output, grad_hy, grad_cy, input, batch_s
 
 def _setup_context(ctx, inputs, output):
     input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse, training = inputs
-    out, _, _, workspace = output
+    out, _, cy, workspace = output
     ctx.save_for_backward(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, out, workspace)
     ctx.mode, ctx.reverse, ctx.saved_workspace = mode, reverse, training
+    # The workspace (tens of MB at real sizes) is never differentiated, and unused outputs should not
+    # get zero-filled gradients of their full size: the backward fills in only the small ones it needs.
+    ctx.mark_non_differentiable(workspace)
+    if mode != 0:
+        ctx.mark_non_differentiable(cy)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
@@ -68,6 +74,10 @@ def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
             "backward. Call it with training=True when gradients are needed."
         )
     input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, out, workspace = ctx.saved_tensors
+    if grad_output is None:
+        grad_output = torch.zeros_like(out)
+    if grad_hy is None:
+        grad_hy = torch.zeros_like(hx)
     grads = torch.ops.seqfast.recurrent_layer_backward(
         grad_output, grad_hy, grad_cy if ctx.mode == 0 else None, input, batch_sizes, hx, cx, w_ih,
         w_hh, b_ih, b_hh, w_hr, out, workspace, ctx.mode, ctx.reverse, ctx.needs_input_grad[0])
