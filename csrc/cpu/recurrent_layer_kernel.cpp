@@ -323,9 +323,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
 
   const WorkspaceLayout L(d.kind, H, P, d.projected);
   Tensor ws = empty_buffer({training ? N * L.columns : 0}, opts);
-  auto ws_block = [&](int64_t col, int64_t row, int64_t width) -> T* {
-    return ws.data_ptr<T>() + L.block(col, N) + row * width;
-  };
+  const WorkspaceView W{ws, L, N};
   RowGemm recurrent(w_hh, B, N);
   std::optional<RowGemm> projection;
   if (d.projected) projection.emplace(*w_hr, B, N);
@@ -344,7 +342,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
       const int64_t row0 = s.offset[t] + r0;  // token row of the band's first row
       const Tensor h_prev = h_state.narrow(0, r0, rows);
       if (training) {
-        std::memcpy(ws_block(L.h_prev, row0, P), h_prev.data_ptr<T>(), sizeof(T) * rows * P);
+        std::memcpy(W.rows<T>(L.h_prev, row0, P), h_prev.data_ptr<T>(), sizeof(T) * rows * P);
       }
       const Tensor gh = recurrent.compute(h_prev, gh_scratch);
       const T* gx_rows = rows_of<T>(gx, row0, GH);
@@ -357,11 +355,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
         p.b_hh = bias_hh.data_ptr<T>();
         p.c = c_state.data_ptr<T>() + r0 * H;
         p.h = !d.projected ? out_rows
-                           : (training ? ws_block(L.h_unproj, row0, H) : h_unproj_scratch.data_ptr<T>());
+                           : (training ? W.rows<T>(L.h_unproj, row0, H) : h_unproj_scratch.data_ptr<T>());
         if (training) {
-          p.act = ws_block(L.act, row0, 4 * H);
-          p.tanh_c = ws_block(L.tanh_c, row0, H);
-          p.c_prev = ws_block(L.c_prev, row0, H);
+          p.act = W.rows<T>(L.act, row0, 4 * H);
+          p.tanh_c = W.rows<T>(L.tanh_c, row0, H);
+          p.c_prev = W.rows<T>(L.c_prev, row0, H);
           parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { lstm_forward_rows<T, true>(p, H, b0, b1); });
         } else {
           p.act = p.tanh_c = p.c_prev = nullptr;
@@ -379,8 +377,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
         p.h_prev = h_prev.data_ptr<T>();
         p.h = out_rows;
         if (training) {
-          p.act = ws_block(L.act, row0, 3 * H);
-          p.gh_n = ws_block(L.gh_n, row0, H);
+          p.act = W.rows<T>(L.act, row0, 3 * H);
+          p.gh_n = W.rows<T>(L.gh_n, row0, H);
           parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { gru_forward_rows<T, true>(p, H, b0, b1); });
         } else {
           p.act = p.gh_n = nullptr;
@@ -422,12 +420,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   TORCH_CHECK(ws.numel() == N * L.columns,
               "seqfast: recurrent_layer_backward needs the workspace of a forward run with "
               "training=True (got ", ws.numel(), " elements, expected ", N * L.columns, ")");
-  auto ws_block = [&](int64_t col, int64_t row, int64_t width) -> const T* {
-    return ws.data_ptr<T>() + L.block(col, N) + row * width;
-  };
-  auto ws_matrix = [&](int64_t col, int64_t width) {
-    return ws.narrow(0, L.block(col, N), N * width).view({N, width});
-  };
+  const WorkspaceView W{ws, L, N};
 
   const Tensor gout = grad_output.reshape({N, P}).contiguous();
   const Tensor out2d = output.reshape({N, P}).contiguous();
@@ -468,14 +461,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       T* dgi_rows = rows_of<T>(dgi, row0, GH);
 
       if (is_lstm) {
-        LstmBackwardStep<T> p{ws_block(L.act, row0, 4 * H), ws_block(L.tanh_c, row0, H),
-                              ws_block(L.c_prev, row0, H), dh_ptr, dc_state.data_ptr<T>() + r0 * H,
+        LstmBackwardStep<T> p{W.rows<T>(L.act, row0, 4 * H), W.rows<T>(L.tanh_c, row0, H),
+                              W.rows<T>(L.c_prev, row0, H), dh_ptr, dc_state.data_ptr<T>() + r0 * H,
                               dgi_rows};
         parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { lstm_backward_rows<T>(p, H, b0, b1); });
         recurrent_t.compute_into(dgi.narrow(0, row0, rows), dh_rows, /*accumulate=*/false);
       } else if (is_gru) {
-        GruBackwardStep<T> p{ws_block(L.act, row0, 3 * H), ws_block(L.gh_n, row0, H),
-                             ws_block(L.h_prev, row0, H), dh_ptr, dgi_rows, rows_of<T>(dgh, row0, GH),
+        GruBackwardStep<T> p{W.rows<T>(L.act, row0, 3 * H), W.rows<T>(L.gh_n, row0, H),
+                             W.rows<T>(L.h_prev, row0, H), dh_ptr, dgi_rows, rows_of<T>(dgh, row0, GH),
                              dh_rows.data_ptr<T>()};
         parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { gru_backward_rows<T>(p, H, b0, b1); });
         recurrent_t.compute_into(dgh.narrow(0, row0, rows), dh_rows, /*accumulate=*/true);
@@ -497,11 +490,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   Tensor grad_input =
       input_grad ? cpu::linear(dgi, w_ih.t(), std::nullopt).view(input.sizes()) : at::empty({0}, opts);
   Tensor grad_w_ih = at::mm(dgi.t(), x);
-  Tensor grad_w_hh = at::mm(dgh.t(), ws_matrix(L.h_prev, P));
+  Tensor grad_w_hh = at::mm(dgh.t(), W.matrix(L.h_prev, P));
   Tensor grad_b_ih = b_ih.has_value() ? dgi.sum(0) : at::empty({0}, opts);
   Tensor grad_b_hh = !b_hh.has_value() ? at::empty({0}, opts)
                      : (is_gru || !b_ih.has_value() ? dgh.sum(0) : grad_b_ih.clone());
-  Tensor grad_w_hr = d.projected ? at::mm(dh_proj.t(), ws_matrix(L.h_unproj, H)) : at::empty({0}, opts);
+  Tensor grad_w_hr = d.projected ? at::mm(dh_proj.t(), W.matrix(L.h_unproj, H)) : at::empty({0}, opts);
   return {grad_input, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
 }
 

@@ -37,12 +37,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
               "training=True (got ", ws.numel(), " elements, expected ", N * L.columns, ")");
   TORCH_CHECK(ws.scalar_type() == input.scalar_type() && ws.device() == input.device(),
               "seqfast: the workspace must be ", input.scalar_type(), " on ", input.device());
-  auto ws_ptr = [&](int64_t col, int64_t row, int64_t width) -> const T* {
-    return ws.data_ptr<T>() + L.block(col, N) + row * width;
-  };
-  auto ws_matrix = [&](int64_t col, int64_t width) {
-    return ws.narrow(0, L.block(col, N), N * width).view({N, width});
-  };
+  const WorkspaceView W{ws, L, N};
 
   const Tensor gout = grad_output.reshape({N, P}).contiguous();
   const Tensor out2d = output.reshape({N, P}).contiguous();
@@ -67,9 +62,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       LstmBackwardParams<T, A> p;
       p.rows = bs;
       p.H = H;
-      p.act = ws_ptr(L.act, row0, 4 * H);
-      p.tanh_c = ws_ptr(L.tanh_c, row0, H);
-      p.c_prev = ws_ptr(L.c_prev, row0, H);
+      p.act = W.rows<T>(L.act, row0, 4 * H);
+      p.tanh_c = W.rows<T>(L.tanh_c, row0, H);
+      p.c_prev = W.rows<T>(L.c_prev, row0, H);
       p.dc = dc_state.data_ptr<A>();
       p.dgates = dgi_rows;
       if (d.projected) {
@@ -94,9 +89,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       GruBackwardParams<T, A> p;
       p.rows = bs;
       p.H = H;
-      p.act = ws_ptr(L.act, row0, 3 * H);
-      p.gh_n = ws_ptr(L.gh_n, row0, H);
-      p.h_prev = ws_ptr(L.h_prev, row0, H);
+      p.act = W.rows<T>(L.act, row0, 3 * H);
+      p.gh_n = W.rows<T>(L.gh_n, row0, H);
+      p.h_prev = W.rows<T>(L.h_prev, row0, H);
       p.grad_out = gout_rows;
       p.dh_state = dh_state.data_ptr<A>();
       p.dh_gemm = dh_gemm.data_ptr<A>();
@@ -131,11 +126,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const Tensor x = input.reshape({N, d.I});
   Tensor grad_input = input_grad ? at::mm(dgi, w_ih).view(input.sizes()) : at::empty({0}, opts);
   Tensor grad_w_ih = at::mm(dgi.t(), x);
-  Tensor grad_w_hh = at::mm(dgh.t(), ws_matrix(L.h_prev, P));
+  Tensor grad_w_hh = at::mm(dgh.t(), W.matrix(L.h_prev, P));
   Tensor grad_b_ih = b_ih.has_value() ? dgi.sum(0) : at::empty({0}, opts);
   Tensor grad_b_hh = !b_hh.has_value() ? at::empty({0}, opts)
                      : (is_gru || !b_ih.has_value() ? dgh.sum(0) : grad_b_ih.clone());
-  Tensor grad_w_hr = d.projected ? at::mm(dh_proj.t(), ws_matrix(L.h_unproj, H)) : at::empty({0}, opts);
+  Tensor grad_w_hr = d.projected ? at::mm(dh_proj.t(), W.matrix(L.h_unproj, H)) : at::empty({0}, opts);
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
 }
 

@@ -51,12 +51,6 @@ at::TensorOptions acc_options(const at::Tensor& like) {
   return like.options().dtype(c10::CppTypeToScalarType<at::opmath_type<T>>::value);
 }
 
-// Rows [row, row + rows) of the workspace block at column offset `col` (an (N, width) matrix).
-inline at::Tensor workspace_rows(const at::Tensor& ws, int64_t block_start, int64_t width, int64_t row,
-                                 int64_t rows) {
-  return ws.narrow(0, block_start + row * width, rows * width).view({rows, width});
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_layer_forward_cuda(
     const at::Tensor& input, const OptTensor& batch_sizes, const at::Tensor& hx, const OptTensor& cx,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,

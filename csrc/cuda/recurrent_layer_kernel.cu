@@ -51,8 +51,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
 
   const WorkspaceLayout L(d.kind, H, P, d.projected);
   Tensor ws = at::empty({training ? N * L.columns : 0}, opts);
-  auto ws_ptr = [&](int64_t col, int64_t row, int64_t width) -> T* {
-    return training ? ws.data_ptr<T>() + L.block(col, N) + row * width : nullptr;
+  const WorkspaceView W{ws, L, N};
+  auto ws_ptr = [&](int64_t col, int64_t row, int64_t width) -> T* {  // null when nothing is saved
+    return training ? W.rows<T>(col, row, width) : nullptr;
   };
   // Unprojected LSTM output when projecting: the saved rows when training, else a per-step scratch.
   Tensor h_unproj_scratch = d.projected && !training ? at::empty({B, H}, opts) : Tensor();
@@ -62,7 +63,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
     const int64_t bs = s.batch[t], row0 = s.offset[t];
     const Tensor h_prev = h_state.narrow(0, 0, bs);
     if (d.projected && training) {
-      workspace_rows(ws, L.block(L.h_prev, N), P, row0, bs).copy_(h_prev);
+      W.matrix(L.h_prev, P).narrow(0, row0, bs).copy_(h_prev);
     }
     Tensor gh_rows = gh.narrow(0, 0, bs);
     mm_acc_out<T>(gh_rows, h_prev, w_hh_t);
@@ -90,7 +91,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
         lstm_forward_pointwise<T, A, false>(p, stream);
       }
       if (d.projected) {
-        const Tensor h_unproj = training ? workspace_rows(ws, L.block(L.h_unproj, N), H, row0, bs)
+        const Tensor h_unproj = training ? W.matrix(L.h_unproj, H).narrow(0, row0, bs)
                                          : h_unproj_scratch.narrow(0, 0, bs);
         Tensor out = output.narrow(0, row0, bs);
         at::mm_out(out, h_unproj, w_hr->t());

@@ -125,4 +125,22 @@ inline LayerDims check_layer(const at::Tensor& input, const Schedule& s, const a
   return d;
 }
 
+// ------------------------------------------------------------------------------------------------
+// The workspace of one layer call seen through its WorkspaceLayout: the rows of a block (column
+// offset `col`, width `width`) from token row `row`, as a pointer, or a whole block as an (N, width)
+// matrix for the post-loop GEMMs.
+struct WorkspaceView {
+  at::Tensor data;        // flat, N * layout.columns elements (empty when the forward did not save)
+  WorkspaceLayout layout;
+  int64_t tokens;         // N
+
+  template <typename T>
+  T* rows(int64_t col, int64_t row, int64_t width) const {
+    return data.data_ptr<T>() + layout.block(col, tokens) + row * width;
+  }
+  at::Tensor matrix(int64_t col, int64_t width) const {
+    return data.narrow(0, layout.block(col, tokens), tokens * width).view({tokens, width});
+  }
+};
+
 }  // namespace seqfast
