@@ -35,8 +35,11 @@ PATH="$VENV/bin:$PATH" MAX_JOBS=${MAX_JOBS:-2} SEQFAST_CUDA=1 "$VENV/bin/python"
   > "$WORK/build.log" 2>&1 || { tail -60 "$WORK/build.log"; echo "CI (CUDA): build FAILED" >&2; exit 1; }
 grep -m1 '^seqfast: building' "$WORK/build.log"
 "$VENV/bin/python" -c "
-import seqfast, seqfast._extension as e
+import torch, seqfast, seqfast._extension as e
 assert e.cuda_kernels_compiled(), 'seqfast._C built without CUDA kernels'
-print('CI (CUDA): cuda_kernels_compiled() = True')"
+ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith('seqfast::'))
+missing = [n for n in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(n, 'CUDA')]
+assert ops and not missing, f'no CUDA kernel registered for {missing}'
+print(f'CI (CUDA): cuda_kernels_compiled() = True; CUDA kernels registered for all {len(ops)} ops')"
 end=$(date +%s)
 echo "CI (CUDA): ok; install $((after_install - start)) s, build $((end - after_install)) s, total $((end - start)) s"

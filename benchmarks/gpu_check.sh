@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One-shot check on a bare GPU machine (torch with CUDA, nvcc and ninja installed; no network needed):
 #   1. builds seqfast in place with the CUDA kernels (SEQFAST_CUDA=1: fails if they cannot be built),
-#   2. runs the CUDA tests (tests/test_cuda.py),
-#   3. runs the GPU benchmark (benchmarks/bench_gpu.py: seqfast vs cuDNN, CUDA events, median),
-# and prints a short summary with the benchmark table last. Budget: under 8 minutes (each stage has
-# its own timeout: build 240 s, tests 120 s, benchmark 90 s). Full logs go to $OUT when it is set, else to a temporary folder (printed).
+#   2. runs the CUDA tests (tests/test_cuda.py: recurrent layers; tests/test_cuda_attention.py),
+#   3. runs the GPU benchmarks (benchmarks/bench_gpu.py: seqfast vs cuDNN; bench_gpu_attention.py:
+#      seqfast vs the padded reference and SDPA; CUDA events, median),
+# and prints a short summary with the benchmark tables last. Budget: under 8 minutes (each stage has
+# its own timeout: build 240 s, tests 120 s, benchmarks 90 s + 45 s). Full logs go to $OUT when it is set, else to a temporary folder (printed).
 #
 #   benchmarks/gpu_check.sh                   # uses `python` (or $PYTHON)
 #   OUT=/some/dir PYTHON=/venv/bin/python MAX_JOBS=8 benchmarks/gpu_check.sh
@@ -46,11 +47,12 @@ fi
 
 # 2. CUDA tests.
 t0=$(now)
-echo "== tests/test_cuda.py, log: $LOGS/test_cuda.log"
-timeout 120 "$PYTHON" -m pytest tests/test_cuda.py -q -rfEs -p no:cacheprovider > "$LOGS/test_cuda.log" 2>&1
+echo "== tests/test_cuda.py tests/test_cuda_attention.py, log: $LOGS/test_cuda.log"
+timeout 120 "$PYTHON" -m pytest tests/test_cuda.py tests/test_cuda_attention.py -q -rfEs -p no:cacheprovider \
+  > "$LOGS/test_cuda.log" 2>&1
 rc=$?
 [ $rc -ne 0 ] && status=1
-summary+=("tests/test_cuda.py: rc=$rc in $(( $(now) - t0 )) s: $(tail -1 "$LOGS/test_cuda.log")")
+summary+=("CUDA tests: rc=$rc in $(( $(now) - t0 )) s: $(tail -1 "$LOGS/test_cuda.log")")
 grep -E "^(FAILED|ERROR)" "$LOGS/test_cuda.log" | head -20
 
 # 3. Benchmark.
@@ -61,9 +63,19 @@ rc=$?
 [ $rc -ne 0 ] && status=1
 summary+=("benchmark: rc=$rc in $(( $(now) - t0 )) s, json: $LOGS/bench_gpu.json")
 
+t0=$(now)
+echo "== benchmarks/bench_gpu_attention.py, log: $LOGS/bench_gpu_attention.log"
+timeout 45 "$PYTHON" benchmarks/bench_gpu_attention.py --json "$LOGS/bench_gpu_attention.json" \
+  > "$LOGS/bench_gpu_attention.md" 2> "$LOGS/bench_gpu_attention.log"
+rc=$?
+[ $rc -ne 0 ] && status=1
+summary+=("attention benchmark: rc=$rc in $(( $(now) - t0 )) s, json: $LOGS/bench_gpu_attention.json")
+
 echo
 echo "== summary (logs in $LOGS)"
 printf '%s\n' "${summary[@]}"
 echo
 if [ -s "$LOGS/bench_gpu.md" ]; then cat "$LOGS/bench_gpu.md"; else tail -20 "$LOGS/bench_gpu.log"; fi
+echo
+if [ -s "$LOGS/bench_gpu_attention.md" ]; then cat "$LOGS/bench_gpu_attention.md"; else tail -20 "$LOGS/bench_gpu_attention.log"; fi
 exit $status

@@ -50,10 +50,11 @@ def impls_for(score):
     return ("seqfast", "reference", "sdpa") if score in ("dot", "scaled_dot") else ("seqfast", "reference")
 
 
-def make_inputs(score, cfg, seed=0):
+def make_inputs(score, cfg, seed=0, device="cpu"):
+    """The module, query, padded memory (on `device`) and the memory lengths (always a CPU tensor)."""
     B, Tq, Tk, D = cfg["B"], cfg["Tq"], cfg["Tk"], cfg["D"]
     torch.manual_seed(seed)
-    mod = seqfast.nn.Attention(D, D, score=score, attn_size=D, max_memory_len=Tk)
+    mod = seqfast.nn.Attention(D, D, score=score, attn_size=D, max_memory_len=Tk).to(device)
     g = torch.Generator().manual_seed(seed + 1)
     q = torch.randn(B, Tq, D, generator=g)
     if Tq == 1:
@@ -61,7 +62,7 @@ def make_inputs(score, cfg, seed=0):
     m = torch.randn(B, Tk, D, generator=g)
     lengths = torch.randint(10, Tk + 1, (B,), generator=g)
     lengths[0] = Tk
-    return mod, q, m, lengths
+    return mod, q.to(device), m.to(device), lengths
 
 
 def make_call(impl, score, mod, q, m, lengths, mode):
@@ -73,9 +74,9 @@ def make_call(impl, score, mod, q, m, lengths, mode):
             return mod(q, m, lengths, need_weights=False)[0]
     elif impl == "reference":
         def fwd(q, m):
-            return reference.attention(q, m, lengths, score, **params)[0]
+            return reference.attention(q, m, lengths.to(m.device), score, **params)[0]
     else:
-        mask = (torch.arange(Tk).unsqueeze(0) < lengths.unsqueeze(1))[:, None, :]  # (B, 1, Tk)
+        mask = (torch.arange(Tk).unsqueeze(0) < lengths.unsqueeze(1))[:, None, :].to(m.device)  # (B, 1, Tk)
         scale = 1.0 if score == "dot" else 1.0 / math.sqrt(D)
 
         def fwd(q, m):
@@ -89,7 +90,7 @@ def make_call(impl, score, mod, q, m, lengths, mode):
                 return fwd(q, m)
         return call
     leaves = [q.clone().requires_grad_(True), m.clone().requires_grad_(True)]
-    grad_out = torch.randn(*q.shape[:-1], D, generator=torch.Generator().manual_seed(5))
+    grad_out = torch.randn(*q.shape[:-1], D, generator=torch.Generator().manual_seed(5)).to(q.device)
     wrt = leaves + list(params.values())
 
     def call():

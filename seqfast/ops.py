@@ -122,7 +122,9 @@ def _needs_autograd(args):
 
 def _attention_outputs_fake(rows, memory, max_seqlen_k, need_weights):
     context = memory.new_empty((rows.shape[0], memory.shape[1]))
-    lse = memory.new_empty((rows.shape[0],))
+    # lse is in the kernels' accumulation type: float32 for float16/bfloat16 memory (CUDA).
+    lse_dtype = torch.float32 if memory.dtype in (torch.float16, torch.bfloat16) else memory.dtype
+    lse = memory.new_empty((rows.shape[0],), dtype=lse_dtype)
     weights = memory.new_empty((rows.shape[0], max_seqlen_k) if need_weights else (0,))
     return context, lse, weights
 

@@ -359,3 +359,18 @@ def test_torch_compile_fullgraph_matches_eager():
     comp_out, comp_grads = fwd_bwd(compiled)
     for a, b in zip(eager_out + list(eager_grads), comp_out + list(comp_grads)):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_backward_ops_reject_malformed_saved_tensors():
+    """A hand-made lse or grad_context of the wrong shape or dtype is an error, not an out-of-bounds read."""
+    op, args = next((o, a) for o, a in _op_samples() if o == torch.ops.seqfast.attention_backward.default)
+    args = list(args)
+    good_lse, good_go = args[7], args[0]
+    for bad_lse in (good_lse[:-1], good_lse.float(), good_lse.reshape(-1, 1)):
+        args[7] = bad_lse
+        with pytest.raises(RuntimeError, match="lse must be the"):
+            op(*args)
+    args[7] = good_lse
+    args[0] = good_go[:-1]
+    with pytest.raises(RuntimeError, match="grad_context must have shape"):
+        op(*args)

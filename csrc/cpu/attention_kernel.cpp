@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "multiversion.h"
-#include "seqfast/attention.h"
+#include "seqfast/attention_args.h"
 
 
 namespace seqfast {
@@ -144,41 +144,6 @@ SEQFAST_CPU_INLINE void add_weighted_rows(T* __restrict acc, const T* __restrict
 }
 
 // ------------------------------------------------------------------------------------------------
-// Everything a kernel needs, filled once by the host entry point.
-template <typename T>
-struct AttentionParams {
-  int64_t batch = 0;         // B
-  int64_t num_queries = 0;   // Nq
-  int64_t max_seqlen_k = 0;  // width of the weights rows (>= every sequence's key count)
-  const int32_t* cu_seqlens_q = nullptr;  // (B+1) query rows of sequence b: [cu[b], cu[b+1])
-  const int32_t* cu_seqlens_k = nullptr;  // (B+1) first memory row of sequence b
-  const int32_t* seqused_k = nullptr;     // (B) keys used per sequence, or nullptr (see attention.h)
-  const int32_t* seq_of_query = nullptr;  // (Nq) sequence index of every query row
-
-  const T* query = nullptr;  // dot: (Nq, Dm) | additive: query_proj (Nq, A) | location: scores (Nq, L)
-  int64_t query_width = 0;   // Dm | A | L
-  const T* memory = nullptr;       // (Nk, Dm) values; also the keys of the dot score
-  int64_t Dm = 0;
-  const T* memory_proj = nullptr;  // additive: (Nk, A)
-  const T* v = nullptr;            // additive: (A)
-  T scale = T(1);                  // dot: score multiplier
-
-  T* context = nullptr;  // (Nq, Dm)
-  T* lse = nullptr;      // (Nq) log-sum-exp of each query's scores; -inf without keys
-  T* weights = nullptr;  // (Nq, max_seqlen_k), or nullptr when not requested
-
-  const T* grad_context = nullptr;  // (Nq, Dm)
-  const T* grad_weights = nullptr;  // (Nq, max_seqlen_k) or nullptr
-  T* grad_query = nullptr;          // like query (zeroed by the kernel, like all the gradients)
-  T* grad_memory = nullptr;         // (Nk, Dm)
-  T* grad_memory_proj = nullptr;    // additive: (Nk, A)
-  T* grad_v = nullptr;              // additive: (B, A) per-sequence partial sums
-
-  SEQFAST_CPU_INLINE void keys(int64_t b, int64_t& start, int64_t& length) const {
-    key_range(cu_seqlens_k, seqused_k, b, start, length);
-  }
-};
-
 // Score of query row q against memory row `row` (= key `j` of its sequence).
 template <typename T, ScoreKind Kind>
 SEQFAST_CPU_INLINE T score_of(const AttentionParams<T>& p, const T* __restrict q, int64_t row,
@@ -268,7 +233,7 @@ SEQFAST_CPU_MULTIVERSION void backward_sequences(const AttentionParams<T>& p, in
       const T* __restrict q = p.query + i * p.query_width;
       const T* __restrict go = p.grad_context + i * Dm;
       const T* gw = p.grad_weights != nullptr ? p.grad_weights + i * W : nullptr;
-      const T lse = p.lse[i];
+      const T lse = p.saved_lse[i];
       const T* key_rows = p.memory + start * Dm;
       // prob <- scores, ds <- dcontext . m_j
       if constexpr (Kind == ScoreKind::Dot) {
@@ -339,89 +304,21 @@ SEQFAST_CPU_MULTIVERSION void backward_sequences(const AttentionParams<T>& p, in
 }
 
 // ------------------------------------------------------------------------------------------------
-// Host side: checks, layout, dispatch.
+// Host side: dispatch (the checks and the layout are include/seqfast/attention_args.h, shared with
+// the CUDA kernels).
 
-void check_rows(const Tensor& t, const char* op, const char* name, const Tensor& like) {
-  TORCH_CHECK(t.dim() == 2, "seqfast::", op, ": ", name, " must be 2-D (rows, features), got shape ",
-              t.sizes());
-  TORCH_CHECK(t.device().is_cpu(), "seqfast::", op, ": ", name, " must be on the CPU, got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "seqfast::", op, ": ", name, " must be ",
-              like.scalar_type(), " like the other inputs, got ", t.scalar_type());
-}
-
-void check_offsets(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kInt && t.device().is_cpu(), "seqfast::", op,
-              ": ", name, " must be a 1-D int32 CPU tensor (B+1 offsets, FlashAttention's varlen "
-              "contract), got ", t.dim(), "-D ", t.scalar_type(), " on ", t.device());
-}
-
-// The validated varlen layout; owns contiguous copies of the index tensors.
-struct Layout {
-  Tensor cu_q, cu_k, used_k;
-  std::vector<int32_t> seq_of_query;
-  int64_t B = 0, Nq = 0, Nk = 0, max_seqlen_k = 0;
-};
-
-// score_width: for location attention, the width L of the given scores (every length must be <= L).
-Layout make_layout(const char* op, int64_t Nq, int64_t Nk, const Tensor& cu_seqlens_q,
-                   const Tensor& cu_seqlens_k, const OptTensor& seqused_k, int64_t max_seqlen_k,
-                   int64_t score_width = -1) {
-  check_offsets(cu_seqlens_q, op, "cu_seqlens_q");
-  check_offsets(cu_seqlens_k, op, "cu_seqlens_k");
-  TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel() && cu_seqlens_q.numel() >= 1, "seqfast::",
-              op, ": cu_seqlens_q and cu_seqlens_k must both have B+1 entries, got ",
-              cu_seqlens_q.numel(), " and ", cu_seqlens_k.numel());
-  Layout l;
-  l.B = cu_seqlens_q.numel() - 1;
-  l.Nq = Nq;
-  l.Nk = Nk;
-  l.max_seqlen_k = max_seqlen_k;
-  l.cu_q = cu_seqlens_q.contiguous();
-  l.cu_k = cu_seqlens_k.contiguous();
-  const int32_t* cq = l.cu_q.data_ptr<int32_t>();
-  const int32_t* ck = l.cu_k.data_ptr<int32_t>();
-  TORCH_CHECK(cq[0] == 0 && ck[0] == 0, "seqfast::", op, ": cu_seqlens must start at 0");
-  TORCH_CHECK(cq[l.B] == Nq, "seqfast::", op, ": cu_seqlens_q ends at ", cq[l.B], " but there are ",
-              Nq, " query rows");
-  TORCH_CHECK(ck[l.B] == Nk, "seqfast::", op, ": cu_seqlens_k ends at ", ck[l.B], " but there are ",
-              Nk, " memory rows");
-  const int32_t* used = nullptr;
-  if (seqused_k.has_value()) {
-    TORCH_CHECK(seqused_k->dim() == 1 && seqused_k->numel() == l.B &&
-                    seqused_k->scalar_type() == at::kInt && seqused_k->device().is_cpu(),
-                "seqfast::", op, ": seqused_k (the memory lengths) must be a 1-D int32 CPU tensor of ",
-                l.B, " entries, got shape ", seqused_k->sizes(), " ", seqused_k->scalar_type());
-    l.used_k = seqused_k->contiguous();
-    used = l.used_k.data_ptr<int32_t>();
-  }
-  l.seq_of_query.resize(Nq);
-  for (int64_t b = 0; b < l.B; ++b) {
-    TORCH_CHECK(cq[b + 1] >= cq[b] && ck[b + 1] >= ck[b], "seqfast::", op,
-                ": cu_seqlens must be non-decreasing (sequence ", b, ")");
-    int64_t start, length;
-    TORCH_CHECK(key_range(ck, used, b, start, length), "seqfast::", op, ": memory_lengths[", b,
-                "] = ", length, " is outside [0, ", ck[b + 1] - ck[b],
-                "], the padded memory length");
-    TORCH_CHECK(score_width < 0 || length <= score_width, "seqfast: location attention: memory "
-                "length ", length, " of sequence ", b, " exceeds max_memory_len = ", score_width,
-                ". Build the Attention module with max_memory_len >= the longest memory.");
-    TORCH_CHECK(length <= max_seqlen_k, "seqfast::", op, ": sequence ", b, " has ", length,
-                " memory rows but max_seqlen_k is ", max_seqlen_k);
-    for (int64_t i = cq[b]; i < cq[b + 1]; ++i) l.seq_of_query[i] = static_cast<int32_t>(b);
-  }
-  return l;
-}
+using attention::Layout;
 
 template <typename T>
 AttentionParams<T> params_of(const Layout& l) {
   AttentionParams<T> p;
   p.batch = l.B;
   p.num_queries = l.Nq;
+  p.num_keys = l.Nk;
   p.max_seqlen_k = l.max_seqlen_k;
-  p.cu_seqlens_q = l.cu_q.data_ptr<int32_t>();
-  p.cu_seqlens_k = l.cu_k.data_ptr<int32_t>();
-  p.seqused_k = l.used_k.defined() ? l.used_k.data_ptr<int32_t>() : nullptr;
+  p.cu_seqlens_q = l.cu_q_ptr();
+  p.cu_seqlens_k = l.cu_k_ptr();
+  p.seqused_k = l.used_k_ptr();
   p.seq_of_query = l.seq_of_query.data();
   return p;
 }
@@ -449,16 +346,9 @@ void run_backward(const AttentionParams<T>& p, const Layout& l) {
 }
 
 void check_float(const Tensor& t, const char* op) {
+  TORCH_CHECK(t.device().is_cpu(), "seqfast::", op, ": the memory must be on the CPU, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "seqfast::", op,
               ": the CPU kernels support float32 and float64, got ", t.scalar_type());
-}
-
-void check_grad_weights(const OptTensor& gw, const Layout& l, const Tensor& like, const char* op) {
-  if (!gw.has_value()) return;
-  TORCH_CHECK(gw->dim() == 2 && gw->size(0) == l.Nq && gw->size(1) == l.max_seqlen_k, "seqfast::",
-              op, ": grad_weights must have shape (", l.Nq, ", ", l.max_seqlen_k, "), got ",
-              gw->sizes());
-  check_rows(*gw, op, "grad_weights", like);
 }
 
 // Allocates the forward outputs and points p at them.
@@ -481,20 +371,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_forward_cpu(
     const OptTensor& seqused_k, int64_t max_seqlen_k, double scale, bool need_weights) {
   const char* op = "attention_forward";
   check_float(memory, op);
-  check_rows(memory, op, "memory", memory);
-  check_rows(query, op, "query", memory);
-  TORCH_CHECK(query.size(1) == memory.size(1), "seqfast::", op, ": the query (after the `general` "
-              "projection) and the memory must have the same width, got ", query.size(1), " and ",
-              memory.size(1));
-  const Layout l = make_layout(op, query.size(0), memory.size(0), cu_seqlens_q, cu_seqlens_k,
-                               seqused_k, max_seqlen_k);
+  const Layout l = attention::check_dot(op, query, memory, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                        max_seqlen_k);
   const Tensor q = query.contiguous(), m = memory.contiguous();
   return AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "attention_forward", [&] {
     AttentionParams<scalar_t> p = params_of<scalar_t>(l);
-    p.query = q.data_ptr<scalar_t>();
-    p.query_width = q.size(1);
-    p.memory = m.data_ptr<scalar_t>();
-    p.Dm = m.size(1);
+    attention::set_inputs(p, q, m);
     p.scale = static_cast<scalar_t>(scale);
     auto out = forward_outputs(p, l, m, need_weights);
     run_forward<scalar_t, ScoreKind::Dot>(p, l, 2 * p.Dm, need_weights);
@@ -509,22 +391,16 @@ std::tuple<Tensor, Tensor> query_row_backward(const char* op, const Layout& l,
                                               const Tensor& grad_context,
                                               const OptTensor& grad_weights, const Tensor& query,
                                               const Tensor& memory, const Tensor& lse, double scale) {
-  check_rows(grad_context, op, "grad_context", memory);
-  check_grad_weights(grad_weights, l, memory, op);
+  attention::check_backward(op, l, grad_context, grad_weights, memory, lse, memory.scalar_type());
   const Tensor q = query.contiguous(), m = memory.contiguous(), go = grad_context.contiguous();
   const Tensor ls = lse.contiguous();
   const Tensor gw = grad_weights.has_value() ? grad_weights->contiguous() : Tensor();
   Tensor grad_query = at::empty_like(q), grad_memory = at::empty_like(m);
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "query_row_backward", [&] {
     AttentionParams<scalar_t> p = params_of<scalar_t>(l);
-    p.query = q.data_ptr<scalar_t>();
-    p.query_width = q.size(1);
-    p.memory = m.data_ptr<scalar_t>();
-    p.Dm = m.size(1);
+    attention::set_inputs(p, q, m);
+    attention::set_backward_inputs(p, go, gw, ls);
     p.scale = static_cast<scalar_t>(scale);
-    p.lse = ls.data_ptr<scalar_t>();
-    p.grad_context = go.data_ptr<scalar_t>();
-    p.grad_weights = gw.defined() ? gw.data_ptr<scalar_t>() : nullptr;
     p.grad_query = grad_query.data_ptr<scalar_t>();
     p.grad_memory = grad_memory.data_ptr<scalar_t>();
     run_backward<scalar_t, Kind>(p, l);
@@ -538,8 +414,8 @@ std::tuple<Tensor, Tensor> attention_backward_cpu(
     const OptTensor& seqused_k, const Tensor& lse, int64_t max_seqlen_k, double scale) {
   const char* op = "attention_backward";
   check_float(memory, op);
-  const Layout l = make_layout(op, query.size(0), memory.size(0), cu_seqlens_q, cu_seqlens_k,
-                               seqused_k, max_seqlen_k);
+  const Layout l = attention::check_dot(op, query, memory, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                        max_seqlen_k);
   return query_row_backward<ScoreKind::Dot>(op, l, grad_context, grad_weights, query, memory, lse,
                                             scale);
 }
@@ -550,26 +426,14 @@ std::tuple<Tensor, Tensor, Tensor> additive_attention_forward_cpu(
     int64_t max_seqlen_k, bool need_weights) {
   const char* op = "additive_attention_forward";
   check_float(memory, op);
-  check_rows(memory, op, "memory", memory);
-  check_rows(query_proj, op, "query_proj", memory);
-  check_rows(memory_proj, op, "memory_proj", memory);
+  const Layout l = attention::check_additive(op, query_proj, memory_proj, memory, v, cu_seqlens_q,
+                                             cu_seqlens_k, seqused_k, max_seqlen_k);
   const int64_t A = query_proj.size(1);
-  TORCH_CHECK(memory_proj.size(0) == memory.size(0) && memory_proj.size(1) == A && v.dim() == 1 &&
-                  v.size(0) == A && v.scalar_type() == memory.scalar_type(),
-              "seqfast::", op, ": expected memory_proj (", memory.size(0), ", ", A, ") and v (", A,
-              "), got ", memory_proj.sizes(), " and ", v.sizes());
-  const Layout l = make_layout(op, query_proj.size(0), memory.size(0), cu_seqlens_q, cu_seqlens_k,
-                               seqused_k, max_seqlen_k);
   const Tensor q = query_proj.contiguous(), mp = memory_proj.contiguous(), m = memory.contiguous();
   const Tensor vv = v.contiguous();
   return AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "additive_attention_forward", [&] {
     AttentionParams<scalar_t> p = params_of<scalar_t>(l);
-    p.query = q.data_ptr<scalar_t>();
-    p.query_width = A;
-    p.memory = m.data_ptr<scalar_t>();
-    p.Dm = m.size(1);
-    p.memory_proj = mp.data_ptr<scalar_t>();
-    p.v = vv.data_ptr<scalar_t>();
+    attention::set_inputs(p, q, m, mp, vv);
     auto out = forward_outputs(p, l, m, need_weights);
     run_forward<scalar_t, ScoreKind::Additive>(p, l, 8 * A + p.Dm, need_weights);
     return out;
@@ -583,10 +447,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> additive_attention_backward_cpu(
     int64_t max_seqlen_k) {
   const char* op = "additive_attention_backward";
   check_float(memory, op);
-  const Layout l = make_layout(op, query_proj.size(0), memory.size(0), cu_seqlens_q, cu_seqlens_k,
-                               seqused_k, max_seqlen_k);
-  check_rows(grad_context, op, "grad_context", memory);
-  check_grad_weights(grad_weights, l, memory, op);
+  const Layout l = attention::check_additive(op, query_proj, memory_proj, memory, v, cu_seqlens_q,
+                                             cu_seqlens_k, seqused_k, max_seqlen_k);
+  attention::check_backward(op, l, grad_context, grad_weights, memory, lse, memory.scalar_type());
   const Tensor q = query_proj.contiguous(), mp = memory_proj.contiguous(), m = memory.contiguous();
   const Tensor vv = v.contiguous(), go = grad_context.contiguous(), ls = lse.contiguous();
   const Tensor gw = grad_weights.has_value() ? grad_weights->contiguous() : Tensor();
@@ -596,15 +459,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> additive_attention_backward_cpu(
   Tensor grad_v_partial = at::empty({l.B, A}, m.options());
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "additive_attention_backward", [&] {
     AttentionParams<scalar_t> p = params_of<scalar_t>(l);
-    p.query = q.data_ptr<scalar_t>();
-    p.query_width = A;
-    p.memory = m.data_ptr<scalar_t>();
-    p.Dm = m.size(1);
-    p.memory_proj = mp.data_ptr<scalar_t>();
-    p.v = vv.data_ptr<scalar_t>();
-    p.lse = ls.data_ptr<scalar_t>();
-    p.grad_context = go.data_ptr<scalar_t>();
-    p.grad_weights = gw.defined() ? gw.data_ptr<scalar_t>() : nullptr;
+    attention::set_inputs(p, q, m, mp, vv);
+    attention::set_backward_inputs(p, go, gw, ls);
     p.grad_query = grad_query_proj.data_ptr<scalar_t>();
     p.grad_memory = grad_memory.data_ptr<scalar_t>();
     p.grad_memory_proj = grad_memory_proj.data_ptr<scalar_t>();
@@ -619,17 +475,12 @@ std::tuple<Tensor, Tensor, Tensor> location_attention_forward_cpu(
     const OptTensor& seqused_k, int64_t max_seqlen_k, bool need_weights) {
   const char* op = "location_attention_forward";
   check_float(memory, op);
-  check_rows(memory, op, "memory", memory);
-  check_rows(scores, op, "scores", memory);
-  const Layout l = make_layout(op, scores.size(0), memory.size(0), cu_seqlens_q, cu_seqlens_k,
-                               seqused_k, max_seqlen_k, scores.size(1));
+  const Layout l = attention::check_location(op, scores, memory, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                             max_seqlen_k);
   const Tensor s = scores.contiguous(), m = memory.contiguous();
   return AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "location_attention_forward", [&] {
     AttentionParams<scalar_t> p = params_of<scalar_t>(l);
-    p.query = s.data_ptr<scalar_t>();
-    p.query_width = s.size(1);
-    p.memory = m.data_ptr<scalar_t>();
-    p.Dm = m.size(1);
+    attention::set_inputs(p, s, m);
     auto out = forward_outputs(p, l, m, need_weights);
     run_forward<scalar_t, ScoreKind::Location>(p, l, p.Dm, need_weights);
     return out;
@@ -642,8 +493,8 @@ std::tuple<Tensor, Tensor> location_attention_backward_cpu(
     const OptTensor& seqused_k, const Tensor& lse, int64_t max_seqlen_k) {
   const char* op = "location_attention_backward";
   check_float(memory, op);
-  const Layout l = make_layout(op, scores.size(0), memory.size(0), cu_seqlens_q, cu_seqlens_k,
-                               seqused_k, max_seqlen_k, scores.size(1));
+  const Layout l = attention::check_location(op, scores, memory, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                             max_seqlen_k);
   return query_row_backward<ScoreKind::Location>(op, l, grad_context, grad_weights, scores, memory,
                                                  lse, /*scale=*/1.0);
 }
