@@ -93,7 +93,7 @@ def _want_cuda(cuda_sources):
 
 
 def _extension():
-    cpu_sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    cpu_sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu")
     use_cuda, why = _want_cuda(cuda_sources)
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]

@@ -1,9 +1,9 @@
 """Python side of the seqfast operators: differentiable wrappers, autograd and fake (meta) registration.
 
-The kernels are registered in C++ (csrc/ops.cpp holds the schemas, csrc/cpu the CPU kernels); here the
-backward op is wired in with torch.library.register_autograd and output shapes are described with
-torch.library.register_fake, which is what lets torch.compile(fullgraph=True) and torch.export trace
-through seqfast layers.
+The kernels are registered in C++ (csrc/ops.cpp holds the schemas, csrc/cpu and csrc/cuda the kernels,
+csrc/autograd.cpp the recurrent layer's autograd); here the attention backward ops are wired in with
+torch.library.register_autograd, and output shapes are described with torch.library.register_fake,
+which is what lets torch.compile(fullgraph=True) and torch.export trace through seqfast layers.
 """
 import torch
 
@@ -54,41 +54,8 @@ def _recurrent_layer_backward_fake(grad_output, grad_hy, grad_cy, input, batch_s
             like(w_hr))
 
 
-def _setup_context(ctx, inputs, output):
-    input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse, training = inputs
-    out, _, cy, workspace = output
-    ctx.save_for_backward(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, out, workspace)
-    ctx.mode, ctx.reverse, ctx.saved_workspace = mode, reverse, training
-    # The workspace (tens of MB at real sizes) is never differentiated, and unused outputs should not
-    # get zero-filled gradients of their full size: the backward fills in only the small ones it needs.
-    ctx.mark_non_differentiable(workspace)
-    if mode != 0:
-        ctx.mark_non_differentiable(cy)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
-    if not ctx.saved_workspace:
-        raise RuntimeError(
-            "seqfast: recurrent_layer_forward ran with training=False, so it saved nothing for the "
-            "backward. Call it with training=True when gradients are needed."
-        )
-    input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, out, workspace = ctx.saved_tensors
-    if grad_output is None:
-        grad_output = torch.zeros_like(out)
-    if grad_hy is None:
-        grad_hy = torch.zeros_like(hx)
-    grads = torch.ops.seqfast.recurrent_layer_backward(
-        grad_output, grad_hy, grad_cy if ctx.mode == 0 else None, input, batch_sizes, hx, cx, w_ih,
-        w_hh, b_ih, b_hh, w_hr, out, workspace, ctx.mode, ctx.reverse, ctx.needs_input_grad[0])
-    g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr = grads
-    return (g_input if ctx.needs_input_grad[0] else None, None, g_hx, g_cx if cx is not None else None, g_w_ih, g_w_hh,
-            g_b_ih if b_ih is not None else None, g_b_hh if b_hh is not None else None,
-            g_w_hr if w_hr is not None else None, None, None, None)
-
-
-torch.library.register_autograd(
-    "seqfast::recurrent_layer_forward", _backward, setup_context=_setup_context)
+# The autograd kernel of recurrent_layer_forward is C++ (csrc/autograd.cpp): a Python one, from
+# torch.library.register_autograd, cost more per call than a small cell step's whole math.
 
 
 def recurrent_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode: int,
@@ -97,20 +64,9 @@ def recurrent_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mo
 
     Returns (output, h_n, c_n); c_n is an empty tensor for GRU/RNN.
     """
-    args = (input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse, training)
-    if torch.compiler.is_compiling() or _needs_autograd(args):
-        output, hy, cy, _ = torch.ops.seqfast.recurrent_layer_forward(*args)
-    else:
-        # Nothing to differentiate: skip the Python autograd kernel that register_autograd installs
-        # (it would only redispatch). Measured on a 1x16 LSTM step: 19.5 -> 11.5 us per call.
-        with torch._C._AutoDispatchBelowADInplaceOrView():
-            output, hy, cy, _ = torch.ops.seqfast.recurrent_layer_forward(*args)
+    output, hy, cy, _ = torch.ops.seqfast.recurrent_layer_forward(
+        input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse, training)
     return output, hy, cy
-
-
-def _needs_autograd(args):
-    return torch.is_grad_enabled() and any(
-        isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 # =====================================================================================================
