@@ -1,5 +1,7 @@
 #include "row_gemm.h"
 
+#include "small_gemm.h"
+
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -63,6 +65,26 @@ bool use_onednn(const at::Tensor& weight, int64_t rows) {
          rows * weight.numel() >= kOneDnnMinMacs;
 }
 
+// The AVX-512 micro-kernel (small_gemm.h) for fp32 weights whose transpose fits in L1/L2 and per-step
+// products below the size where BLAS would split a GEMM across threads (the same 2^22 multiply-adds
+// under which the time loop runs in per-thread row bands instead). SEQFAST_DISABLE_SMALL_GEMM=1 turns
+// it off (read per call). It needs a contiguous copy of W^T made per call (~5-10 us at 16K elements), which
+// only pays when the call runs enough rows through it: not for a one-step cell call (measured: LSTMCell
+// B=1 H=64 went from 29 to 42 us with the copy).
+constexpr int64_t kSmallGemmMaxWeight = 16384;
+constexpr int64_t kSmallGemmMaxStepMacs = int64_t(1) << 22;
+constexpr int64_t kSmallGemmMinTotalRows = 16;
+
+bool use_small_gemm(const at::Tensor& weight, int64_t max_rows, int64_t total_rows) {
+  const char* off = std::getenv("SEQFAST_DISABLE_SMALL_GEMM");
+  const bool disabled = off != nullptr && std::strcmp(off, "0") != 0;
+  return !disabled && weight.scalar_type() == at::kFloat && weight.device().is_cpu() &&
+         small_gemm_available() && weight.numel() <= kSmallGemmMaxWeight &&
+         max_rows * weight.numel() <= kSmallGemmMaxStepMacs && total_rows >= kSmallGemmMinTotalRows;
+}
+
+bool unit_column_stride(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; }
+
 }  // namespace
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
@@ -78,13 +100,25 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
 RowGemm::RowGemm(const at::Tensor& weight, int64_t max_rows, int64_t total_rows) {
   TORCH_INTERNAL_ASSERT(weight.dim() == 2);
   weight_t_ = weight.t();
-  if (max_rows > 0 && use_onednn(weight, total_rows)) packed_ = onednn_reorder(weight, max_rows);
+  if (max_rows > 0 && use_onednn(weight, total_rows)) {
+    packed_ = onednn_reorder(weight, max_rows);
+  } else if (max_rows > 0 && use_small_gemm(weight, max_rows, total_rows)) {
+    small_weight_t_ = weight_t_.contiguous();
+  }
+}
+
+bool RowGemm::try_small_gemm(const at::Tensor& a, const at::Tensor& out, bool accumulate) const {
+  if (!small_weight_t_.defined() || !unit_column_stride(a) || !unit_column_stride(out)) return false;
+  small_gemm(a.size(0), small_weight_t_.size(1), a.size(1), a.data_ptr<float>(), a.stride(0),
+             small_weight_t_.data_ptr<float>(), small_weight_t_.size(1), out.data_ptr<float>(),
+             out.stride(0), accumulate);
+  return true;
 }
 
 at::Tensor RowGemm::compute(const at::Tensor& a, const at::Tensor& scratch) {
   if (packed_.defined()) return onednn_linear(a, packed_);
   at::Tensor out = scratch.narrow(0, 0, a.size(0));
-  at::mm_out(out, a, weight_t_);
+  if (!try_small_gemm(a, out, /*accumulate=*/false)) at::mm_out(out, a, weight_t_);
   return out;
 }
 
@@ -96,6 +130,8 @@ void RowGemm::compute_into(const at::Tensor& a, const at::Tensor& out, bool accu
     } else {
       out.copy_(y);
     }
+  } else if (try_small_gemm(a, out, accumulate)) {
+    return;
   } else if (accumulate) {
     out.addmm_(a, weight_t_);
   } else {

@@ -2,7 +2,9 @@
 // The per-time-step GEMM of the recurrent loops: out[0:rows] = a[0:rows] @ W^T for one fixed weight W
 // (n, k), called T times with a shrinking or constant number of rows.
 //
-// fp32 uses oneDNN's matmul on a weight reordered once into its blocked layout (torch's registered
+// Small fp32 weights (W^T up to 16K elements, per-step products under 2^22 multiply-adds) use the
+// AVX-512 micro-kernel of small_gemm.h where the CPU has it.
+// Larger fp32 uses oneDNN's matmul on a weight reordered once into its blocked layout (torch's registered
 // mkldnn::_reorder_linear_weight / mkldnn::_linear_pointwise, the ops torch.compile's CPU backend uses):
 // on the AVX-512 EPYC we measure 195-219 GF/s at 64x512x2048 and ~180 GF/s at 4x1024x4096, against
 // 140-150 and 22-24 GF/s for at::mm (MKL). float64, and torch builds without oneDNN, use at::mm.
@@ -29,8 +31,12 @@ class RowGemm {
   bool uses_onednn() const { return packed_.defined(); }
 
  private:
-  at::Tensor weight_t_;  // (k, n) view of W^T for at::mm
-  at::Tensor packed_;    // oneDNN-blocked W, when available
+  // The small-GEMM micro-kernel, when chosen and the operands have unit column stride; false if not.
+  bool try_small_gemm(const at::Tensor& a, const at::Tensor& out, bool accumulate) const;
+
+  at::Tensor weight_t_;        // (k, n) view of W^T for at::mm
+  at::Tensor packed_;          // oneDNN-blocked W, when available
+  at::Tensor small_weight_t_;  // contiguous W^T for small_gemm, for small fp32 weights (small_gemm.h)
 };
 
 // x W^T + bias for x (M, k), weight (n, k), bias (n) or undefined: the one-shot GEMMs around the time

@@ -1,0 +1,19 @@
+#pragma once
+// A register-blocked float32 GEMM for the tiny per-step products of small recurrent layers, where
+// MKL runs at 7-12 GF/s and its call overhead rivals the work (benchmarks/NOTES.md 8 and 12).
+#include <cstdint>
+
+namespace seqfast {
+namespace cpu {
+
+// True when this build and this CPU can run small_gemm (x86-64 with AVX-512F).
+bool small_gemm_available();
+
+// C (m x n, rows ldc apart) = A (m x k, rows lda apart) @ B (k x n, rows ldb apart), or C += A @ B when
+// accumulate. All row-major with unit column stride. Single-threaded; meant for k*n up to ~16K
+// elements (B stays in L1/L2); it has no cache blocking for larger B.
+void small_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                int64_t ldb, float* c, int64_t ldc, bool accumulate);
+
+}  // namespace cpu
+}  // namespace seqfast
