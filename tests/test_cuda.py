@@ -261,3 +261,161 @@ def test_cuda_low_precision_error_within_2x_torch(kind, config, layout, dtype):
         assert sf_err <= 2 * torch_err + 1e-6, (
             f"{kind} {config} {layout} {dtype} {name}: seqfast error {sf_err:.3g} > 2 x torch.nn error "
             f"{torch_err:.3g}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The persistent small-batch forward (csrc/cuda/recurrent_layer_persistent.cu) vs the GEMM path
+# ---------------------------------------------------------------------------------------------------
+PERSISTENT_KERNEL = "persistent_forward_kernel"
+
+
+def _persistent_eligible(kind, H, B, dtype):
+    """What plan_persistent_forward (recurrent_layer_persistent.cuh) should decide on this GPU: the same
+    rule and shared-memory sizes, so that a test notices when the kernel silently stops being used. The
+    occupancy check is left out: with __launch_bounds__(256, 1) one block always fits in registers.
+    For layers without projection."""
+    if not 1 <= B <= 8 or H > 1024:
+        return False
+    props = torch.cuda.get_device_properties()
+    G = {"LSTM": 4, "GRU": 3}.get(kind, 1)
+    t_bytes = torch.empty(0, dtype=dtype).element_size()
+    a_bytes = 8 if dtype == torch.float64 else 4
+    units = -(-H // props.multi_processor_count)
+    if units * B > 256:
+        return False
+    vec = 16 // t_bytes
+    Hp = -(-H // vec) * vec
+    groups = -(-(G * units) // 4)
+    k_splits = 1
+    while k_splits * 2 * groups <= 8:
+        k_splits *= 2
+    part = -(-(k_splits * B * G * units * a_bytes) // 16) * 16
+    smem = part + (1 << (B - 1).bit_length()) * Hp * t_bytes + G * units * Hp * t_bytes
+    return smem <= getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+
+
+def _profiled(fn, *args):
+    """fn(*args), and whether the persistent kernel ran during it."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        result = fn(*args)
+        torch.cuda.synchronize()
+    return result, any(PERSISTENT_KERNEL in e.name for e in prof.events())
+
+
+def _forward_only(kind, module, x_data, lengths, h0, c0):
+    """A no_grad forward (training=False: the kernels save nothing) -> {name: float64 CPU tensor}."""
+    dtype = next(module.parameters()).dtype
+    x = x_data.to(device="cuda", dtype=dtype)
+    inp = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False) if lengths is not None else x
+    h = h0.to(device="cuda", dtype=dtype)
+    with torch.no_grad():
+        out, hidden = module(inp, (h, c0.to(device="cuda", dtype=dtype)) if kind == "LSTM" else h)
+    h_n, c_n = hidden if kind == "LSTM" else (hidden, None)
+    result = {"output": out.data if lengths is not None else out, "h_n": h_n}
+    if c_n is not None:
+        result["c_n"] = c_n
+    return {k: v.double().cpu() for k, v in result.items()}
+
+
+# Every (B, H) pair for each cell and dtype; padded and packed alternate over the pairs, so that each B
+# and each H meets both layouts.
+PERSISTENT_SIZES = [(B, H, "packed" if (i + j) % 2 else "padded")
+                    for i, B in enumerate((1, 4, 8)) for j, H in enumerate((32, 200, 1024))]
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("B,H,layout", PERSISTENT_SIZES, ids=[f"B{b}-H{h}-{l}" for b, h, l in PERSISTENT_SIZES])
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_persistent_matches_gemm_path_and_float64(kind, B, H, layout, dtype, monkeypatch):
+    """Two layers, both directions (so forward and reverse time order), training: outputs, final states
+    and every gradient, the backward (unchanged) reading the workspace the persistent forward saved.
+    float32: persistent == GEMM path == float64 CPU at the float32 tolerance; bfloat16: the persistent
+    path's error against float64 at most 2x torch.nn's own (as test_cuda_low_precision_...)."""
+    T, I = 7, 24
+    ref, sf = make_module_pair(kind, I, H, dtype=dtype, num_layers=2, bidirectional=True)
+    ref64 = copy.deepcopy(ref).double()
+    sf = sf.cuda()
+    x, lengths = _inputs(T, B, I, False, layout == "packed", dtype)
+    h0, c0 = _states(kind, sf, B, dtype)
+    args = (x, lengths, False, h0, c0, "cuda", dtype)
+
+    monkeypatch.setenv("SEQFAST_PERSISTENT_RNN", "1")
+    persistent, ran = _profiled(run_module, kind, sf, *args)
+    assert ran == _persistent_eligible(kind, H, B, dtype), f"persistent kernel ran: {ran}"
+    monkeypatch.setenv("SEQFAST_PERSISTENT_RNN", "0")
+    gemm, ran = _profiled(run_module, kind, sf, *args)
+    assert not ran, "SEQFAST_PERSISTENT_RNN=0 but the persistent kernel ran"
+    truth = run_module(kind, ref64, x, lengths, False, h0, c0, "cpu", dtype)
+
+    what = f"{kind} B={B} H={H} {layout}"
+    if dtype == torch.float32:
+        _assert_all_close(persistent, gemm, f"{what}: persistent vs GEMM path", **tolerance(dtype))
+        _assert_all_close(persistent, truth, f"{what}: persistent vs float64", **tolerance(dtype))
+    else:
+        torch_res = run_module(kind, ref.cuda(), *args)
+        assert set(persistent) == set(truth)
+        for name, exact in truth.items():
+            torch_err = (torch_res[name] - exact).abs().max().item()
+            err = (persistent[name] - exact).abs().max().item()
+            assert err <= 2 * torch_err + 1e-6, (
+                f"{what} {name}: persistent error {err:.3g} > 2 x torch.nn error {torch_err:.3g}")
+
+
+@requires_gpu
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_persistent_inference_matches_gemm_path(kind, monkeypatch):
+    """training=False (the instantiation that saves nothing), with SEQFAST_PERSISTENT_RNN=1 spelled out."""
+    T, B, I, H = 11, 5, 16, 200
+    _, sf = make_module_pair(kind, I, H, dtype=torch.float32, num_layers=2, bidirectional=True)
+    sf = sf.cuda()
+    x, lengths = _inputs(T, B, I, False, True, torch.float32)
+    h0, c0 = _states(kind, sf, B, torch.float32)
+    monkeypatch.setenv("SEQFAST_PERSISTENT_RNN", "1")
+    persistent, ran = _profiled(_forward_only, kind, sf, x, lengths, h0, c0)
+    assert ran == _persistent_eligible(kind, H, B, torch.float32)
+    monkeypatch.setenv("SEQFAST_PERSISTENT_RNN", "0")
+    gemm, ran = _profiled(_forward_only, kind, sf, x, lengths, h0, c0)
+    assert not ran
+    _assert_all_close(persistent, gemm, f"{kind} inference", **tolerance(torch.float32))
+
+
+INELIGIBLE_CASES = [("LSTM", 9, 0), ("GRU", 9, 0), ("RNN_RELU", 9, 0), ("LSTM", 4, 3)]
+
+
+@requires_gpu
+@pytest.mark.parametrize("kind,B,proj_size", INELIGIBLE_CASES,
+                         ids=[f"{k}-B{b}-proj{p}" for k, b, p in INELIGIBLE_CASES])
+def test_persistent_ineligible_layers_take_the_gemm_path(kind, B, proj_size, monkeypatch):
+    """B > 8 or a projection: the GEMM path runs, silently, and still matches the CPU in float64."""
+    monkeypatch.setenv("SEQFAST_PERSISTENT_RNN", "1")
+    dtype = torch.float64
+    T, I, H = 6, 8, 32
+    _, sf = make_module_pair(kind, I, H, dtype=dtype, num_layers=2, bidirectional=True, proj_size=proj_size)
+    x, lengths = _inputs(T, B, I, False, True, dtype)
+    h0, c0 = _states(kind, sf, B, dtype)
+    ref = run_module(kind, sf, x, lengths, False, h0, c0, "cpu", dtype)
+    got, ran = _profiled(run_module, kind, copy.deepcopy(sf).cuda(), x, lengths, False, h0, c0, "cuda", dtype)
+    assert not ran, "the persistent kernel ran on a layer it is not eligible for"
+    _assert_all_close(got, ref, f"{kind} B={B} proj_size={proj_size}", **tolerance(dtype))
+
+
+@requires_gpu
+def test_persistent_kernel_is_opt_in(monkeypatch):
+    """Unset (or 0), an eligible layer takes the GEMM path: the persistent kernel has not yet run on a
+    GPU anywhere, so it must be asked for (SEQFAST_PERSISTENT_RNN=1)."""
+    monkeypatch.delenv("SEQFAST_PERSISTENT_RNN", raising=False)
+    _, sf = make_module_pair("LSTM", 16, 32, dtype=torch.float32)
+    x, lengths = _inputs(5, 2, 16, False, False, torch.float32)
+    h0, c0 = _states("LSTM", sf, 2, torch.float32)
+    _, ran = _profiled(_forward_only, "LSTM", sf.cuda(), x, lengths, h0, c0)
+    assert not ran, "the persistent kernel ran without SEQFAST_PERSISTENT_RNN=1"
+    assert _persistent_eligible("LSTM", 32, 2, torch.float32), "this layer should be eligible"
+
+
+@requires_gpu
+def test_persistent_switch_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("SEQFAST_PERSISTENT_RNN", "yes")
+    args = _to_cuda(make_args(0, "padded", True, 0, training=False))
+    with pytest.raises(RuntimeError, match="SEQFAST_PERSISTENT_RNN must be 0"):
+        FWD(*args)

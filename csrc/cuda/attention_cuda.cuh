@@ -120,6 +120,15 @@ inline void check_cuda_float(const at::Tensor& memory, const char* op) {
 // until the copy is done). Fills the index pointers of p.
 template <typename T, typename A>
 at::Tensor upload_index(const Layout& l, const at::Device& device, AttentionParams<T, A>& p) {
+  // Under CUDA graph capture the copy below would be recorded with the address of a pinned block that
+  // the caching host allocator hands out again after this call, so a replay would read whatever is
+  // there by then. Refuse rather than risk wrong results.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+              "seqfast: the attention ops read their varlen index (int32 CPU tensors) on every call and "
+              "cannot be captured into a CUDA graph; run them outside the graph (for torch.compile, "
+              "without mode=\"reduce-overhead\")");
   const int64_t B = l.B, n = 2 * (B + 1) + (l.used_k.defined() ? B : 0);
   at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
   int32_t* h = host.data_ptr<int32_t>();

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "recurrent_layer_cuda.h"
+#include "recurrent_layer_persistent.cuh"
 #include "recurrent_layer_pointwise.cuh"
 #include "seqfast/recurrent.h"
 
@@ -151,6 +152,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrent_layer_forward_cuda(
   const c10::cuda::CUDAGuard device_guard(input.device());
   const Schedule s = make_schedule(input, batch_sizes);
   const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode);
+  // Small batch: one persistent kernel for all steps (recurrent_layer_persistent.cuh says when).
+  if (const auto plan = plan_persistent_forward(input, d, training)) {
+    return persistent_layer_forward(*plan, input, s, d, hx, cx, w_ih, w_hh, b_ih, b_hh, reverse,
+                                    training);
+  }
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                          "recurrent_layer_forward_cuda", [&] {
     return layer_forward<scalar_t>(input, s, d, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,

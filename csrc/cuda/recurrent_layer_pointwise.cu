@@ -1,6 +1,7 @@
 // The per-step fused pointwise kernels of the CUDA recurrent layers (declared, with the shapes of every
 // pointer, in recurrent_layer_pointwise.cuh). The math is include/seqfast/gates.h, the functions the CPU
-// loop calls; this file only loads, converts to the compute type A, calls them and stores.
+// loop calls; this file only loads, converts to the compute type A, calls them and stores. The forward's
+// per-element code is in recurrent_layer_cell.cuh, shared with the persistent kernel.
 //
 // NOT YET RUN ON A GPU: compile-checked only.
 #include <c10/cuda/CUDAException.h>
@@ -9,6 +10,7 @@
 
 #include <algorithm>
 
+#include "recurrent_layer_cell.cuh"
 #include "recurrent_layer_pointwise.cuh"
 #include "seqfast/gates.h"
 
@@ -29,49 +31,29 @@ __device__ __forceinline__ A load(const T* p, int64_t k) {
   return static_cast<A>(p[k]);
 }
 
-template <typename A, typename T>
-__device__ __forceinline__ A load_bias(const T* p, int64_t k) {
-  return p == nullptr ? A(0) : static_cast<A>(p[k]);
-}
-
 #define SEQFAST_KERNEL_LOOP(idx, n)                                                     \
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < (n); \
        idx += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 // ----------------------------------------------------------------------------------------------------
+// Forward: gather this element's h W_hh^T values and state, then the shared per-element code
+// (recurrent_layer_cell.cuh), which the persistent kernel calls too.
 template <typename T, typename A, bool Save>
 __global__ void __launch_bounds__(kThreads) lstm_forward_kernel(const LstmForwardParams<T, A> p) {
   const int64_t H = p.H;
   SEQFAST_KERNEL_LOOP(idx, p.rows * H) {
     const int64_t b = idx / H, j = idx - b * H;
-    const A* gx = p.gx + b * 4 * H;
-    const A* gh = p.gh + b * 4 * H;
-    A pre[4];
+    const A* gh_row = p.gh + b * 4 * H;
+    A gi[4], gh[4];
+    input_gates<4>(p.gx, p.b_ih, H, b, j, gi);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int64_t col = k * H + j;
-      pre[k] = gx[col] + load_bias<A>(p.b_ih, col) + gh[col] + load_bias<A>(p.b_hh, col);
-    }
+    for (int k = 0; k < 4; ++k) gh[k] = gh_row[k * H + j];
     const int64_t e = b * H + j;
-    const A cp = p.c[e];
-    A i, f, g, o, c, tc, h;
-    lstm_pointwise_forward(pre[0], pre[1], pre[2], pre[3], cp, i, f, g, o, c, tc, h);
+    A c = p.c[e];
+    const T h_prev = p.h_state != nullptr ? p.h_state[e] : T(0);
+    const T h_t = lstm_forward_element<T, A, Save>(p, b, j, gi, gh, c, h_prev);
     p.c[e] = c;
-    const T h_t = static_cast<T>(h);
-    p.h_out[e] = h_t;
-    if (p.h_state != nullptr) {
-      if (Save) p.h_prev[e] = p.h_state[e];
-      p.h_state[e] = h_t;
-    }
-    if (Save) {
-      T* act = p.act + b * 4 * H;
-      act[j] = static_cast<T>(i);
-      act[H + j] = static_cast<T>(f);
-      act[2 * H + j] = static_cast<T>(g);
-      act[3 * H + j] = static_cast<T>(o);
-      p.tanh_c[e] = static_cast<T>(tc);
-      p.c_prev[e] = static_cast<T>(cp);
-    }
+    if (p.h_state != nullptr) p.h_state[e] = h_t;
   }
 }
 
@@ -80,46 +62,25 @@ __global__ void __launch_bounds__(kThreads) gru_forward_kernel(const GruForwardP
   const int64_t H = p.H;
   SEQFAST_KERNEL_LOOP(idx, p.rows * H) {
     const int64_t b = idx / H, j = idx - b * H;
-    const A* gx = p.gx + b * 3 * H;
-    const A* gh = p.gh + b * 3 * H;
-    A gi[3], ghb[3];
+    const A* gh_row = p.gh + b * 3 * H;
+    A gi[3], gh[3];
+    input_gates<3>(p.gx, p.b_ih, H, b, j, gi);
 #pragma unroll
-    for (int k = 0; k < 3; ++k) {
-      const int64_t col = k * H + j;
-      gi[k] = gx[col] + load_bias<A>(p.b_ih, col);
-      ghb[k] = gh[col] + load_bias<A>(p.b_hh, col);
-    }
+    for (int k = 0; k < 3; ++k) gh[k] = gh_row[k * H + j];
     const int64_t e = b * H + j;
-    const T hp_t = p.h_state[e];
-    A r, z, n, h;
-    gru_pointwise_forward(gi[0], gi[1], gi[2], ghb[0], ghb[1], ghb[2], static_cast<A>(hp_t), r, z, n,
-                          h);
-    const T h_t = static_cast<T>(h);
-    p.h_out[e] = h_t;
-    p.h_state[e] = h_t;
-    if (Save) {
-      T* act = p.act + b * 3 * H;
-      act[j] = static_cast<T>(r);
-      act[H + j] = static_cast<T>(z);
-      act[2 * H + j] = static_cast<T>(n);
-      p.gh_n[e] = static_cast<T>(ghb[2]);
-      p.h_prev[e] = hp_t;
-    }
+    p.h_state[e] = gru_forward_element<T, A, Save>(p, b, j, gi, gh, p.h_state[e]);
   }
 }
 
 template <typename T, typename A, bool Relu, bool Save>
 __global__ void __launch_bounds__(kThreads) rnn_forward_kernel(const RnnForwardParams<T, A> p) {
-  constexpr Activation Act = Relu ? Activation::Relu : Activation::Tanh;
   const int64_t H = p.H;
   SEQFAST_KERNEL_LOOP(idx, p.rows * H) {
     const int64_t b = idx / H, j = idx - b * H;
+    A gi[1];
+    input_gates<1>(p.gx, p.b_ih, H, b, j, gi);
     const int64_t e = b * H + j;
-    const A pre = p.gx[e] + load_bias<A>(p.b_ih, j) + p.gh[e] + load_bias<A>(p.b_hh, j);
-    const T h_t = static_cast<T>(rnn_pointwise_forward<Act>(pre));
-    if (Save) p.h_prev[e] = p.h_state[e];
-    p.h_out[e] = h_t;
-    p.h_state[e] = h_t;
+    p.h_state[e] = rnn_forward_element<T, A, Relu, Save>(p, b, j, gi[0], p.gh[e], p.h_state[e]);
   }
 }
 
