@@ -243,3 +243,25 @@ def test_import_seqfast_first_in_a_fresh_process():
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("what", ["grad_cy_shape", "grad_output_dtype", "output_shape", "workspace_size"])
+def test_backward_op_rejects_malformed_inputs(what):
+    """Hand-made backward arguments that do not match the forward are errors, never reads or writes out
+    of bounds (grad_cy is copied into the running (B, H) cell-state gradient)."""
+    args = make_args(0, "packed", True, 0, training=True)
+    out, hy, cy, ws = FWD(*args)
+    input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse, _ = args
+    bargs = dict(grad_output=torch.ones_like(out), grad_hy=torch.ones_like(hy), grad_cy=torch.ones_like(cy),
+                 output=out, workspace=ws)
+    if what == "grad_cy_shape":
+        bargs["grad_cy"] = torch.ones(cy.shape[0] + 5, cy.shape[1], dtype=cy.dtype)
+    elif what == "grad_output_dtype":
+        bargs["grad_output"] = bargs["grad_output"].float()
+    elif what == "output_shape":
+        bargs["output"] = out[:-1]
+    else:
+        bargs["workspace"] = ws[:-1]
+    with pytest.raises(RuntimeError, match="recurrent_layer_backward"):
+        BWD(bargs["grad_output"], bargs["grad_hy"], bargs["grad_cy"], input, batch_sizes, hx, cx, w_ih, w_hh,
+            b_ih, b_hh, w_hr, bargs["output"], bargs["workspace"], mode, reverse)

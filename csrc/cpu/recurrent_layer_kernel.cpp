@@ -417,9 +417,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const auto opts = input.options();
   const bool is_lstm = d.kind == CellKind::LSTM, is_gru = d.kind == CellKind::GRU;
   const WorkspaceLayout L(d.kind, H, P, d.projected);
-  TORCH_CHECK(ws.numel() == N * L.columns,
-              "seqfast: recurrent_layer_backward needs the workspace of a forward run with "
-              "training=True (got ", ws.numel(), " elements, expected ", N * L.columns, ")");
+  check_workspace(ws, L, N, input);
   const WorkspaceView W{ws, L, N};
 
   const Tensor gout = grad_output.reshape({N, P}).contiguous();
@@ -523,8 +521,7 @@ recurrent_layer_backward_cpu(const Tensor& grad_output, const Tensor& grad_hy,
   check_cpu_dtype(input);
   const Schedule s = make_schedule(input, batch_sizes);
   const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode);
-  TORCH_CHECK(grad_output.numel() == d.N * d.P && grad_hy.sizes() == hx.sizes(),
-              "seqfast: recurrent_layer_backward: gradient shapes do not match the forward");
+  check_backward_inputs(grad_output, grad_hy, grad_cy, output, d, hx, cx, input);
   return AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "recurrent_layer_backward", [&] {
     return layer_backward<scalar_t>(grad_output, grad_hy, grad_cy, input, s, d, w_ih, w_hh, b_ih,
                                     b_hh, w_hr, output, workspace, reverse, input_grad);

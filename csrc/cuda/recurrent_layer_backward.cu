@@ -32,11 +32,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const bool is_lstm = d.kind == CellKind::LSTM, is_gru = d.kind == CellKind::GRU;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const WorkspaceLayout L(d.kind, H, P, d.projected);
-  TORCH_CHECK(ws.numel() == N * L.columns,
-              "seqfast: recurrent_layer_backward needs the workspace of a forward run with "
-              "training=True (got ", ws.numel(), " elements, expected ", N * L.columns, ")");
-  TORCH_CHECK(ws.scalar_type() == input.scalar_type() && ws.device() == input.device(),
-              "seqfast: the workspace must be ", input.scalar_type(), " on ", input.device());
+  check_workspace(ws, L, N, input);
   const WorkspaceView W{ws, L, N};
 
   const Tensor gout = grad_output.reshape({N, P}).contiguous();
@@ -148,13 +144,7 @@ recurrent_layer_backward_cuda(const Tensor& grad_output, const Tensor& grad_hy,
   const c10::cuda::CUDAGuard device_guard(input.device());
   const Schedule s = make_schedule(input, batch_sizes);
   const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode);
-  TORCH_CHECK(grad_output.numel() == d.N * d.P && grad_hy.sizes() == hx.sizes(),
-              "seqfast: recurrent_layer_backward: gradient shapes do not match the forward");
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() &&
-                  grad_hy.scalar_type() == input.scalar_type() &&
-                  grad_output.device() == input.device() && grad_hy.device() == input.device(),
-              "seqfast: recurrent_layer_backward: the gradients must be ", input.scalar_type(),
-              " on ", input.device());
+  check_backward_inputs(grad_output, grad_hy, grad_cy, output, d, hx, cx, input);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                          "recurrent_layer_backward_cuda", [&] {
     return layer_backward<scalar_t>(grad_output, grad_hy, grad_cy, input, s, d, w_ih, w_hh, b_ih,

@@ -69,15 +69,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
     Tensor gh_rows = gh.narrow(0, 0, bs);
     mm_acc_out<T>(gh_rows, h_prev, w_hh_t);
     T* out_rows = output.data_ptr<T>() + row0 * P;
-
-    if (is_lstm) {
-      LstmForwardParams<T, A> p;
+    // The fields every cell's step parameters share: this step's rows, the two GEMM results, biases.
+    auto step_inputs = [&](auto& p) {
       p.rows = bs;
       p.H = H;
       p.gx = gx.data_ptr<A>() + row0 * GH;
       p.gh = gh.data_ptr<A>();
       p.b_ih = data_or_null<T>(bias_ih);
       p.b_hh = data_or_null<T>(bias_hh);
+    };
+
+    if (is_lstm) {
+      LstmForwardParams<T, A> p;
+      step_inputs(p);
       p.c = c_state.data_ptr<A>();
       p.h_out = !d.projected ? out_rows
                              : (training ? ws_ptr(L.h_unproj, row0, H) : h_unproj_scratch.data_ptr<T>());
@@ -101,12 +105,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
       }
     } else if (is_gru) {
       GruForwardParams<T, A> p;
-      p.rows = bs;
-      p.H = H;
-      p.gx = gx.data_ptr<A>() + row0 * GH;
-      p.gh = gh.data_ptr<A>();
-      p.b_ih = data_or_null<T>(bias_ih);
-      p.b_hh = data_or_null<T>(bias_hh);
+      step_inputs(p);
       p.h_state = h_state.data_ptr<T>();
       p.h_out = out_rows;
       p.act = ws_ptr(L.act, row0, 3 * H);
@@ -119,12 +118,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
       }
     } else {
       RnnForwardParams<T, A> p;
-      p.rows = bs;
-      p.H = H;
-      p.gx = gx.data_ptr<A>() + row0 * GH;
-      p.gh = gh.data_ptr<A>();
-      p.b_ih = data_or_null<T>(bias_ih);
-      p.b_hh = data_or_null<T>(bias_hh);
+      step_inputs(p);
       p.h_state = h_state.data_ptr<T>();
       p.h_out = out_rows;
       p.h_prev = ws_ptr(L.h_prev, row0, H);

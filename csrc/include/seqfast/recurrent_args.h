@@ -125,6 +125,39 @@ inline LayerDims check_layer(const at::Tensor& input, const Schedule& s, const a
   return d;
 }
 
+// The backward's own inputs, after check_layer: the gradients of output, hy and cy and the forward's
+// output have the forward's shapes, the input's dtype and device (the kernels index them as such).
+inline void check_backward_inputs(const at::Tensor& grad_output, const at::Tensor& grad_hy,
+                                  const OptTensor& grad_cy, const at::Tensor& output,
+                                  const LayerDims& d, const at::Tensor& hx, const OptTensor& cx,
+                                  const at::Tensor& input) {
+  TORCH_CHECK(grad_output.numel() == d.N * d.P && output.numel() == d.N * d.P &&
+                  grad_hy.sizes() == hx.sizes() &&
+                  (!grad_cy.has_value() || (cx.has_value() && grad_cy->sizes() == cx->sizes())),
+              "seqfast: recurrent_layer_backward: gradient shapes do not match the forward");
+  for (const at::Tensor* t : {&grad_output, &grad_hy, &output}) {
+    TORCH_CHECK(t->scalar_type() == input.scalar_type() && t->device() == input.device(),
+                "seqfast: recurrent_layer_backward: the gradients and the output must be ",
+                input.scalar_type(), " on ", input.device(), ", got ", t->scalar_type(), " on ",
+                t->device());
+  }
+  if (grad_cy.has_value()) {
+    TORCH_CHECK(grad_cy->scalar_type() == input.scalar_type() && grad_cy->device() == input.device(),
+                "seqfast: recurrent_layer_backward: grad_cy must be ", input.scalar_type(), " on ",
+                input.device());
+  }
+}
+
+// The saved workspace must be what a training forward of this layer wrote.
+inline void check_workspace(const at::Tensor& ws, const WorkspaceLayout& L, int64_t N,
+                            const at::Tensor& input) {
+  TORCH_CHECK(ws.numel() == N * L.columns,
+              "seqfast: recurrent_layer_backward needs the workspace of a forward run with "
+              "training=True (got ", ws.numel(), " elements, expected ", N * L.columns, ")");
+  TORCH_CHECK(ws.scalar_type() == input.scalar_type() && ws.device() == input.device(),
+              "seqfast: the workspace must be ", input.scalar_type(), " on ", input.device());
+}
+
 // ------------------------------------------------------------------------------------------------
 // The workspace of one layer call seen through its WorkspaceLayout: the rows of a block (column
 // offset `col`, width `width`) from token row `row`, as a pointer, or a whole block as an (N, width)
