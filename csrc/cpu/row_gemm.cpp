@@ -1,8 +1,10 @@
 #include "row_gemm.h"
 
+#include "multiversion.h"
 #include "small_gemm.h"
 
 #include <ATen/Context.h>
+#include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdlib>
@@ -85,6 +87,77 @@ bool use_small_gemm(const at::Tensor& weight, int64_t max_rows, int64_t total_ro
 
 bool unit_column_stride(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; }
 
+// Products of at most 2^14 multiply-adds (a one-step cell at B=1 up to H ~ 64): one dot product per
+// output along the rows of W as stored, with no ATen GEMM call. at::addmm/at::mm cost 2.5-5 us of
+// dispatch there for well under a microsecond of arithmetic (profile in benchmarks/NOTES.md 13).
+constexpr int64_t kTinyMaxMacs = int64_t(1) << 14;
+
+bool use_tiny(const at::Tensor& weight, int64_t rows) {
+  const auto st = weight.scalar_type();
+  return (st == at::kFloat || st == at::kDouble) && weight.device().is_cpu() && rows > 0 &&
+         rows * weight.numel() <= kTinyMaxMacs && unit_column_stride(weight);
+}
+
+// out[r, j] (+)= bias[j] + a[r, :] . w[j, :] for r < rows, j < n; every matrix row-major, unit
+// column stride.
+template <typename T>
+SEQFAST_CPU_MULTIVERSION void tiny_gemm(int64_t rows, int64_t n, int64_t k, const T* a, int64_t lda,
+                                        const T* w, int64_t ldw, const T* bias, T* out, int64_t ldo,
+                                        bool accumulate) {
+  // Four rows of W at a time: four independent accumulator chains, and a_r loaded once for them.
+  auto finish = [&](T* out_r, int64_t j, T sum) {
+    out_r[j] = (accumulate ? out_r[j] : T(0)) + (bias != nullptr ? bias[j] : T(0)) + sum;
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict a_r = a + r * lda;
+    T* __restrict out_r = out + r * ldo;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const T* __restrict w0 = w + j * ldw;
+      const T* __restrict w1 = w0 + ldw;
+      const T* __restrict w2 = w1 + ldw;
+      const T* __restrict w3 = w2 + ldw;
+      T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t p = 0; p < k; ++p) {
+        const T x = a_r[p];
+        s0 += x * w0[p];
+        s1 += x * w1[p];
+        s2 += x * w2[p];
+        s3 += x * w3[p];
+      }
+      finish(out_r, j, s0);
+      finish(out_r, j + 1, s1);
+      finish(out_r, j + 2, s2);
+      finish(out_r, j + 3, s3);
+    }
+    for (; j < n; ++j) {
+      const T* __restrict w_j = w + j * ldw;
+      T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+      for (int64_t p = 0; p < k; ++p) sum += a_r[p] * w_j[p];
+      finish(out_r, j, sum);
+    }
+  }
+}
+
+// out = a @ weight^T (+ bias) through tiny_gemm; false (nothing done) unless the operands qualify.
+bool try_tiny_gemm(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias,
+                   const at::Tensor& out, bool accumulate) {
+  if (!use_tiny(weight, a.size(0)) || !unit_column_stride(a) || !unit_column_stride(out) ||
+      a.scalar_type() != weight.scalar_type() || out.scalar_type() != weight.scalar_type() ||
+      (bias.defined() && (bias.scalar_type() != weight.scalar_type() || !bias.is_contiguous()))) {
+    return false;
+  }
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "tiny_gemm", [&] {
+    tiny_gemm<scalar_t>(a.size(0), weight.size(0), weight.size(1), a.data_ptr<scalar_t>(), a.stride(0),
+                        weight.data_ptr<scalar_t>(), weight.stride(0),
+                        bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+                        out.stride(0), accumulate);
+  });
+  return true;
+}
+
 }  // namespace
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
@@ -94,11 +167,16 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
     if (bias.has_value()) b = bias->contiguous();
     return onednn_linear(x.contiguous(), onednn_reorder(weight, x.size(0)), b);
   }
+  if (use_tiny(weight, x.size(0))) {
+    at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+    if (try_tiny_gemm(x, weight, bias.has_value() ? *bias : at::Tensor(), out, false)) return out;
+  }
   return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
 }
 
 RowGemm::RowGemm(const at::Tensor& weight, int64_t max_rows, int64_t total_rows) {
   TORCH_INTERNAL_ASSERT(weight.dim() == 2);
+  weight_ = weight;
   weight_t_ = weight.t();
   if (max_rows > 0 && use_onednn(weight, total_rows)) {
     packed_ = onednn_reorder(weight, max_rows);
@@ -118,7 +196,10 @@ bool RowGemm::try_small_gemm(const at::Tensor& a, const at::Tensor& out, bool ac
 at::Tensor RowGemm::compute(const at::Tensor& a, const at::Tensor& scratch) {
   if (packed_.defined()) return onednn_linear(a, packed_);
   at::Tensor out = scratch.narrow(0, 0, a.size(0));
-  if (!try_small_gemm(a, out, /*accumulate=*/false)) at::mm_out(out, a, weight_t_);
+  if (!try_small_gemm(a, out, /*accumulate=*/false) &&
+      !try_tiny_gemm(a, weight_, at::Tensor(), out, /*accumulate=*/false)) {
+    at::mm_out(out, a, weight_t_);
+  }
   return out;
 }
 
@@ -130,7 +211,8 @@ void RowGemm::compute_into(const at::Tensor& a, const at::Tensor& out, bool accu
     } else {
       out.copy_(y);
     }
-  } else if (try_small_gemm(a, out, accumulate)) {
+  } else if (try_small_gemm(a, out, accumulate) ||
+             try_tiny_gemm(a, weight_, at::Tensor(), out, accumulate)) {
     return;
   } else if (accumulate) {
     out.addmm_(a, weight_t_);

@@ -34,6 +34,7 @@ class RowGemm {
   // The small-GEMM micro-kernel, when chosen and the operands have unit column stride; false if not.
   bool try_small_gemm(const at::Tensor& a, const at::Tensor& out, bool accumulate) const;
 
+  at::Tensor weight_;          // (n, k) W as given (the tiny-product dot-product path reads its rows)
   at::Tensor weight_t_;        // (k, n) view of W^T for at::mm
   at::Tensor packed_;          // oneDNN-blocked W, when available
   at::Tensor small_weight_t_;  // contiguous W^T for small_gemm, for small fp32 weights (small_gemm.h)
