@@ -85,9 +85,87 @@ SEQFAST_CPU_INLINE void lstm_forward_row(
   }
 }
 
+// Small H. The per-row loops run H iterations, fewer than a vector holds when H < 16, so for the
+// seed-stock LSTM (H = 10) the whole gate pass ran as scalar remainder loops: 59% of its forward
+// (perf, benchmarks/NOTES.md 14). Below kFlatMaxH the LSTM passes instead stage the rows' gates
+// gate-major (gate k of element e = b*H + j at k*n + e, n = rows*H: cheap adds and copies), run one
+// flat vectorized loop over all n elements, and copy the saved gates back to the row layout. c, h,
+// tanh_c, c_prev and dh are (rows, H) contiguous already, so they are used in place.
+constexpr int64_t kFlatMaxH = 16;
+
+// Per-thread staging buffer for the flat passes (grows to the largest band seen, then is reused).
+template <typename T>
+T* flat_buffer(int64_t elements) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < elements) buffer.resize(elements);
+  return buffer.data();
+}
+
+// dst[k*n + b*H + j] = src[b*G*H + k*H + j] for gates k < G, rows b < rows, units j < H.
+template <typename T, int G>
+SEQFAST_CPU_INLINE void to_gate_major(const T* __restrict src, int64_t rows, int64_t H, T* __restrict dst) {
+  const int64_t n = rows * H;
+  for (int64_t b = 0; b < rows; ++b) {
+    for (int k = 0; k < G; ++k) {
+      for (int64_t j = 0; j < H; ++j) dst[k * n + b * H + j] = src[b * G * H + k * H + j];
+    }
+  }
+}
+
+template <typename T, int G>
+SEQFAST_CPU_INLINE void from_gate_major(const T* __restrict src, int64_t rows, int64_t H, T* __restrict dst) {
+  const int64_t n = rows * H;
+  for (int64_t b = 0; b < rows; ++b) {
+    for (int k = 0; k < G; ++k) {
+      for (int64_t j = 0; j < H; ++j) dst[b * G * H + k * H + j] = src[k * n + b * H + j];
+    }
+  }
+}
+
+template <typename T, bool Save>
+SEQFAST_CPU_INLINE void lstm_forward_flat(int64_t n, const T* __restrict pre, T* __restrict c,
+                                          T* __restrict h, T* __restrict act, T* __restrict tanh_c,
+                                          T* __restrict c_prev) {
+  for (int64_t e = 0; e < n; ++e) {
+    T i, f, g, o, c_new, tc, h_new;
+    const T cp = c[e];
+    lstm_pointwise_forward(pre[e], pre[n + e], pre[2 * n + e], pre[3 * n + e], cp, i, f, g, o, c_new,
+                           tc, h_new);
+    c[e] = c_new;
+    h[e] = h_new;
+    if (Save) {
+      act[e] = i;
+      act[n + e] = f;
+      act[2 * n + e] = g;
+      act[3 * n + e] = o;
+      tanh_c[e] = tc;
+      c_prev[e] = cp;
+    }
+  }
+}
+
 template <typename T, bool Save>
 SEQFAST_CPU_MULTIVERSION void lstm_forward_rows(const LstmForwardStep<T>& p, int64_t H, int64_t b0,
                                                 int64_t b1) {
+  if (H < kFlatMaxH) {
+    const int64_t rows = b1 - b0, n = rows * H;
+    T* pre = flat_buffer<T>((Save ? 8 : 4) * n);
+    T* act = Save ? pre + 4 * n : nullptr;
+    const T* gx = p.gx + b0 * 4 * H;
+    const T* gh = p.gh + b0 * 4 * H;
+    for (int64_t b = 0; b < rows; ++b) {
+      for (int64_t k = 0; k < 4; ++k) {
+        for (int64_t j = 0; j < H; ++j) {
+          const int64_t at = b * 4 * H + k * H + j;
+          pre[k * n + b * H + j] = gx[at] + gh[at] + p.b_hh[k * H + j];
+        }
+      }
+    }
+    lstm_forward_flat<T, Save>(n, pre, p.c + b0 * H, p.h + b0 * H, act,
+                               Save ? p.tanh_c + b0 * H : nullptr, Save ? p.c_prev + b0 * H : nullptr);
+    if (Save) from_gate_major<T, 4>(act, rows, H, p.act + b0 * 4 * H);
+    return;
+  }
   for (int64_t b = b0; b < b1; ++b) {
     lstm_forward_row<T, Save>(H, p.gx + b * 4 * H, p.gh + b * 4 * H, p.b_hh, p.c + b * H, p.h + b * H,
                               Save ? p.act + b * 4 * H : nullptr, Save ? p.tanh_c + b * H : nullptr,
@@ -126,8 +204,43 @@ SEQFAST_CPU_INLINE void gru_forward_row(
 }
 
 template <typename T, bool Save>
+SEQFAST_CPU_INLINE void gru_forward_flat(int64_t n, const T* __restrict gi, const T* __restrict gh,
+                                         const T* __restrict hp, T* __restrict h, T* __restrict act) {
+  for (int64_t e = 0; e < n; ++e) {
+    T r, z, c, h_new;
+    gru_pointwise_forward(gi[e], gi[n + e], gi[2 * n + e], gh[e], gh[n + e], gh[2 * n + e], hp[e], r, z,
+                          c, h_new);
+    h[e] = h_new;
+    if (Save) {
+      act[e] = r;
+      act[n + e] = z;
+      act[2 * n + e] = c;
+    }
+  }
+}
+
+template <typename T, bool Save>
 SEQFAST_CPU_MULTIVERSION void gru_forward_rows(const GruForwardStep<T>& p, int64_t H, int64_t b0,
                                                int64_t b1) {
+  if (H < kFlatMaxH) {  // see lstm_forward_rows
+    const int64_t rows = b1 - b0, n = rows * H;
+    T* gi = flat_buffer<T>((Save ? 9 : 6) * n);
+    T* gh = gi + 3 * n;  // h W_hh^T + b_hh, gate-major
+    T* act = Save ? gi + 6 * n : nullptr;
+    to_gate_major<T, 3>(p.gx + b0 * 3 * H, rows, H, gi);
+    const T* gh_rows = p.gh + b0 * 3 * H;
+    for (int64_t b = 0; b < rows; ++b) {
+      for (int64_t k = 0; k < 3; ++k) {
+        for (int64_t j = 0; j < H; ++j) gh[k * n + b * H + j] = gh_rows[b * 3 * H + k * H + j] + p.b_hh[k * H + j];
+      }
+    }
+    gru_forward_flat<T, Save>(n, gi, gh, p.h_prev + b0 * H, p.h + b0 * H, act);
+    if (Save) {
+      from_gate_major<T, 3>(act, rows, H, p.act + b0 * 3 * H);
+      std::memcpy(p.gh_n + b0 * H, gh + 2 * n, sizeof(T) * n);
+    }
+    return;
+  }
   for (int64_t b = b0; b < b1; ++b) {
     gru_forward_row<T, Save>(H, p.gx + b * 3 * H, p.gh + b * 3 * H, p.b_hh, p.h_prev + b * H,
                              p.h + b * H, Save ? p.act + b * 3 * H : nullptr,
@@ -151,8 +264,20 @@ SEQFAST_CPU_INLINE void rnn_forward_row(int64_t H, const T* __restrict gx,
 }
 
 template <typename T, Activation A>
+SEQFAST_CPU_INLINE void rnn_activate_flat(int64_t n, T* __restrict h) {
+  for (int64_t e = 0; e < n; ++e) h[e] = rnn_pointwise_forward<A>(h[e]);
+}
+
+template <typename T, Activation A>
 SEQFAST_CPU_MULTIVERSION void rnn_forward_rows(const RnnForwardStep<T>& p, int64_t H, int64_t b0,
                                                int64_t b1) {
+  if (H < kFlatMaxH) {  // see lstm_forward_rows: rows are contiguous, only the bias needs j
+    for (int64_t e = b0 * H, b = b0; b < b1; ++b) {
+      for (int64_t j = 0; j < H; ++j, ++e) p.h[e] = p.gx[e] + p.gh[e] + p.b_hh[j];
+    }
+    rnn_activate_flat<T, A>((b1 - b0) * H, p.h + b0 * H);
+    return;
+  }
   for (int64_t b = b0; b < b1; ++b) {
     rnn_forward_row<T, A>(H, p.gx + b * H, p.gh + b * H, p.b_hh, p.h + b * H);
   }
@@ -185,8 +310,33 @@ SEQFAST_CPU_INLINE void lstm_backward_row(
 }
 
 template <typename T>
+SEQFAST_CPU_INLINE void lstm_backward_flat(int64_t n, const T* __restrict act, const T* __restrict tc,
+                                           const T* __restrict cp, const T* __restrict dh,
+                                           T* __restrict dc, T* __restrict dg) {
+  for (int64_t e = 0; e < n; ++e) {
+    T di, df, dgg, dout, dcp;
+    lstm_pointwise_backward(act[e], act[n + e], act[2 * n + e], act[3 * n + e], tc[e], cp[e], dh[e],
+                            dc[e], di, df, dgg, dout, dcp);
+    dg[e] = di;
+    dg[n + e] = df;
+    dg[2 * n + e] = dgg;
+    dg[3 * n + e] = dout;
+    dc[e] = dcp;
+  }
+}
+
+template <typename T>
 SEQFAST_CPU_MULTIVERSION void lstm_backward_rows(const LstmBackwardStep<T>& p, int64_t H, int64_t b0,
                                                  int64_t b1) {
+  if (H < kFlatMaxH) {  // see lstm_forward_rows
+    const int64_t rows = b1 - b0, n = rows * H;
+    T* act = flat_buffer<T>(8 * n);
+    T* dg = act + 4 * n;
+    to_gate_major<T, 4>(p.act + b0 * 4 * H, rows, H, act);
+    lstm_backward_flat<T>(n, act, p.tanh_c + b0 * H, p.c_prev + b0 * H, p.dh + b0 * H, p.dc + b0 * H, dg);
+    from_gate_major<T, 4>(dg, rows, H, p.dgates + b0 * 4 * H);
+    return;
+  }
   for (int64_t b = b0; b < b1; ++b) {
     lstm_backward_row<T>(H, p.act + b * 4 * H, p.tanh_c + b * H, p.c_prev + b * H, p.dh + b * H,
                          p.dc + b * H, p.dgates + b * 4 * H);
@@ -223,8 +373,38 @@ SEQFAST_CPU_INLINE void gru_backward_row(
 }
 
 template <typename T>
+SEQFAST_CPU_INLINE void gru_backward_flat(int64_t n, const T* __restrict act, const T* __restrict ghn,
+                                          const T* __restrict hp, const T* __restrict dh,
+                                          T* __restrict dgi, T* __restrict dgh, T* __restrict dhp) {
+  for (int64_t e = 0; e < n; ++e) {
+    T dr, dz, dn_i, dn_h, direct;
+    gru_pointwise_backward(act[e], act[n + e], act[2 * n + e], ghn[e], hp[e], dh[e], dr, dz, dn_i, dn_h,
+                           direct);
+    dgi[e] = dr;
+    dgi[n + e] = dz;
+    dgi[2 * n + e] = dn_i;
+    dgh[e] = dr;
+    dgh[n + e] = dz;
+    dgh[2 * n + e] = dn_h;
+    dhp[e] = direct;
+  }
+}
+
+template <typename T>
 SEQFAST_CPU_MULTIVERSION void gru_backward_rows(const GruBackwardStep<T>& p, int64_t H, int64_t b0,
                                                 int64_t b1) {
+  if (H < kFlatMaxH) {  // see lstm_forward_rows
+    const int64_t rows = b1 - b0, n = rows * H;
+    T* act = flat_buffer<T>(9 * n);
+    T* dgi = act + 3 * n;
+    T* dgh = act + 6 * n;
+    to_gate_major<T, 3>(p.act + b0 * 3 * H, rows, H, act);
+    gru_backward_flat<T>(n, act, p.gh_n + b0 * H, p.h_prev + b0 * H, p.dh + b0 * H, dgi, dgh,
+                         p.dh_prev + b0 * H);
+    from_gate_major<T, 3>(dgi, rows, H, p.dgi + b0 * 3 * H);
+    from_gate_major<T, 3>(dgh, rows, H, p.dgh + b0 * 3 * H);
+    return;
+  }
   for (int64_t b = b0; b < b1; ++b) {
     gru_backward_row<T>(H, p.act + b * 3 * H, p.gh_n + b * H, p.h_prev + b * H, p.dh + b * H,
                         p.dgi + b * 3 * H, p.dgh + b * 3 * H, p.dh_prev + b * H);
@@ -241,7 +421,8 @@ SEQFAST_CPU_INLINE void rnn_backward_row(int64_t H, const T* __restrict h,
 template <typename T, Activation A>
 SEQFAST_CPU_MULTIVERSION void rnn_backward_rows(const T* h, const T* dh, T* dpre, int64_t H,
                                                 int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) rnn_backward_row<T, A>(H, h + b * H, dh + b * H, dpre + b * H);
+  // The (rows, H) matrices are contiguous: one flat loop vectorizes whatever H is.
+  rnn_backward_row<T, A>((b1 - b0) * H, h + b0 * H, dh + b0 * H, dpre + b0 * H);
 }
 
 template <typename F>
