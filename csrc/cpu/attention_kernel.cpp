@@ -20,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "dot_rows.h"
 #include "multiversion.h"
 #include "seqfast/attention_args.h"
 
@@ -36,14 +37,6 @@ constexpr int64_t kKeyBlock = 32;
 // ------------------------------------------------------------------------------------------------
 // Vector helpers. `omp simd reduction` lets the compiler reassociate the sum (we build without
 // -ffast-math), which is what makes the reductions vectorize.
-template <typename T>
-SEQFAST_CPU_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T s = T(0);
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < n; ++k) s += a[k] * b[k];
-  return s;
-}
-
 // y += alpha * x
 template <typename T>
 SEQFAST_CPU_INLINE void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
@@ -59,33 +52,6 @@ SEQFAST_CPU_INLINE void scale_in_place(T alpha, T* __restrict y, int64_t n) {
 
 // The loops over several memory rows work on 4 rows at a time: 4 independent accumulator chains hide
 // the FMA latency that a single dot product is bound by, and x is loaded once for 4 rows.
-
-// out[j] = x . rows[j], rows j < n of a row-major (n, D) block.
-template <typename T>
-SEQFAST_CPU_INLINE void dot_rows(const T* __restrict x, const T* __restrict rows, int64_t n, int64_t D,
-                                 T* __restrict out) {
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const T* __restrict r0 = rows + j * D;
-    const T* __restrict r1 = r0 + D;
-    const T* __restrict r2 = r1 + D;
-    const T* __restrict r3 = r2 + D;
-    T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t k = 0; k < D; ++k) {
-      const T xk = x[k];
-      s0 += xk * r0[k];
-      s1 += xk * r1[k];
-      s2 += xk * r2[k];
-      s3 += xk * r3[k];
-    }
-    out[j] = s0;
-    out[j + 1] = s1;
-    out[j + 2] = s2;
-    out[j + 3] = s3;
-  }
-  for (; j < n; ++j) out[j] = dot(x, rows + j * D, D);
-}
 
 // outx[j] = x . rows[j] and outy[j] = y . rows[j] in one pass over the rows.
 template <typename T>

@@ -1,5 +1,6 @@
 #include "row_gemm.h"
 
+#include "dot_rows.h"
 #include "multiversion.h"
 #include "small_gemm.h"
 
@@ -9,6 +10,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 namespace seqfast {
 namespace cpu {
@@ -104,39 +106,14 @@ template <typename T>
 SEQFAST_CPU_MULTIVERSION void tiny_gemm(int64_t rows, int64_t n, int64_t k, const T* a, int64_t lda,
                                         const T* w, int64_t ldw, const T* bias, T* out, int64_t ldo,
                                         bool accumulate) {
-  // Four rows of W at a time: four independent accumulator chains, and a_r loaded once for them.
-  auto finish = [&](T* out_r, int64_t j, T sum) {
-    out_r[j] = (accumulate ? out_r[j] : T(0)) + (bias != nullptr ? bias[j] : T(0)) + sum;
-  };
+  thread_local std::vector<T> products;
+  if (static_cast<int64_t>(products.size()) < n) products.resize(n);
+  T* __restrict dots = products.data();
   for (int64_t r = 0; r < rows; ++r) {
-    const T* __restrict a_r = a + r * lda;
+    dot_rows(a + r * lda, w, n, k, dots, ldw);
     T* __restrict out_r = out + r * ldo;
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-      const T* __restrict w0 = w + j * ldw;
-      const T* __restrict w1 = w0 + ldw;
-      const T* __restrict w2 = w1 + ldw;
-      const T* __restrict w3 = w2 + ldw;
-      T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t p = 0; p < k; ++p) {
-        const T x = a_r[p];
-        s0 += x * w0[p];
-        s1 += x * w1[p];
-        s2 += x * w2[p];
-        s3 += x * w3[p];
-      }
-      finish(out_r, j, s0);
-      finish(out_r, j + 1, s1);
-      finish(out_r, j + 2, s2);
-      finish(out_r, j + 3, s3);
-    }
-    for (; j < n; ++j) {
-      const T* __restrict w_j = w + j * ldw;
-      T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-      for (int64_t p = 0; p < k; ++p) sum += a_r[p] * w_j[p];
-      finish(out_r, j, sum);
+    for (int64_t j = 0; j < n; ++j) {
+      out_r[j] = (accumulate ? out_r[j] : T(0)) + (bias != nullptr ? bias[j] : T(0)) + dots[j];
     }
   }
 }
