@@ -10,6 +10,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -85,6 +86,16 @@ class RecurrentLayer : public torch::autograd::Function<RecurrentLayer> {
                 "seqfast: recurrent_layer_forward ran with training=False, so it saved nothing for "
                 "the backward. Call it with training=True when gradients are needed.");
     const variable_list saved = ctx->get_saved_variables();
+    // Grad mode is on during a backward only under create_graph=True. The backward op is a fused
+    // kernel without a derivative of its own, so a graph through it would be wrong: say so instead.
+    if (at::GradMode::is_enabled()) {
+      const auto differentiable = [](const Tensor& t) { return t.defined() && t.requires_grad(); };
+      TORCH_CHECK(std::none_of(grads.begin(), grads.end(), differentiable) &&
+                      std::none_of(saved.begin(), saved.end(), differentiable),
+                  "seqfast: double backward (create_graph=True) through seqfast's recurrent layers is "
+                  "not supported: their backward is a fused kernel without a derivative of its own "
+                  "(torch's cuDNN RNNs have the same limitation)");
+    }
     const int64_t mode = ctx->saved_data["mode"].toInt();
     const bool reverse = ctx->saved_data["reverse"].toBool();
     const Tensor& output = saved[kOutput];

@@ -36,7 +36,8 @@ constexpr int64_t kKeyBlock = 32;
 
 // ------------------------------------------------------------------------------------------------
 // Vector helpers. `omp simd reduction` lets the compiler reassociate the sum (we build without
-// -ffast-math), which is what makes the reductions vectorize.
+// -ffast-math), which is what makes the reductions vectorize. dot and dot_rows are in dot_rows.h.
+
 // y += alpha * x
 template <typename T>
 SEQFAST_CPU_INLINE void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
