@@ -51,6 +51,84 @@ OptTensor optional_of(const Tensor& t) {
 // Saved-variable slots, in save_for_backward order.
 enum Saved { kInput, kBatchSizes, kHx, kCx, kWih, kWhh, kBih, kBhh, kWhr, kOutput, kWorkspace };
 
+// torch's own differentiable implementation of one layer in one direction, on the saved tensors.
+// reverse: the backward half of a bidirectional layer whose forward half has the same weights and is
+// discarded (that is how torch runs a reversed packed sequence, each from its own end). Returns output,
+// hy, cy (undefined for GRU/RNN).
+std::tuple<Tensor, Tensor, Tensor> torch_layer(const variable_list& saved, int64_t mode, bool reverse) {
+  const Tensor& input = saved[kInput];
+  const Tensor& batch_sizes = saved[kBatchSizes];
+  const bool has_biases = saved[kBih].defined();
+  TORCH_CHECK(has_biases == saved[kBhh].defined(),
+              "seqfast: double backward needs both biases or neither, like torch.nn's layers");
+  std::vector<Tensor> params{saved[kWih], saved[kWhh]};
+  if (has_biases) params.insert(params.end(), {saved[kBih], saved[kBhh]});
+  if (saved[kWhr].defined()) params.push_back(saved[kWhr]);
+  if (reverse) {
+    const std::vector<Tensor> one_direction = params;
+    params.insert(params.end(), one_direction.begin(), one_direction.end());
+  }
+  const auto states = [&](const Tensor& state) {
+    return reverse ? at::stack({state, state}) : state.unsqueeze(0);
+  };
+  const bool packed = batch_sizes.defined();
+  Tensor output, hy, cy;
+  if (mode == 0) {
+    const std::vector<Tensor> hx{states(saved[kHx]), states(saved[kCx])};
+    std::tie(output, hy, cy) =
+        packed ? at::lstm(input, batch_sizes, hx, params, has_biases, 1, 0.0, true, reverse)
+               : at::lstm(input, hx, params, has_biases, 1, 0.0, true, reverse, false);
+  } else {
+    const Tensor hx = states(saved[kHx]);
+    const auto run = [&](auto packed_fn, auto padded_fn) {
+      return packed ? packed_fn(input, batch_sizes, hx, params, has_biases, 1, 0.0, true, reverse)
+                    : padded_fn(input, hx, params, has_biases, 1, 0.0, true, reverse, false);
+    };
+    using Packed = std::tuple<Tensor, Tensor> (*)(const Tensor&, const Tensor&, const Tensor&,
+                                                  at::TensorList, bool, int64_t, double, bool, bool);
+    using Padded = std::tuple<Tensor, Tensor> (*)(const Tensor&, const Tensor&, at::TensorList, bool,
+                                                  int64_t, double, bool, bool, bool);
+    if (mode == 1) {
+      std::tie(output, hy) = run(static_cast<Packed>(&at::gru), static_cast<Padded>(&at::gru));
+    } else if (mode == 2) {
+      std::tie(output, hy) = run(static_cast<Packed>(&at::rnn_tanh), static_cast<Padded>(&at::rnn_tanh));
+    } else {
+      std::tie(output, hy) = run(static_cast<Packed>(&at::rnn_relu), static_cast<Padded>(&at::rnn_relu));
+    }
+  }
+  const int64_t direction = reverse ? 1 : 0, P = saved[kHx].size(-1);
+  if (reverse) output = output.narrow(-1, P, P);
+  return {output, hy.select(0, direction), cy.defined() ? cy.select(0, direction) : cy};
+}
+
+// The backward under create_graph=True: the gradients of torch_layer's outputs, with a graph, for every
+// forward argument that requires grad. One entry per forward argument, like RecurrentLayer::backward.
+variable_list differentiable_backward(const variable_list& saved, const variable_list& grads, int64_t mode,
+                                      bool reverse) {
+  const auto [output, hy, cy] = torch_layer(saved, mode, reverse);
+  variable_list outputs{output, hy};
+  variable_list grad_outputs{grads[0].defined() ? grads[0] : at::zeros_like(output),
+                             grads[1].defined() ? grads[1] : at::zeros_like(hy)};
+  if (mode == 0 && grads[2].defined()) {
+    outputs.push_back(cy);
+    grad_outputs.push_back(grads[2]);
+  }
+  variable_list wrt;
+  std::vector<int> slot_of;
+  for (const Saved slot : {kInput, kHx, kCx, kWih, kWhh, kBih, kBhh, kWhr}) {
+    if (saved[slot].defined() && saved[slot].requires_grad()) {
+      wrt.push_back(saved[slot]);
+      slot_of.push_back(slot);
+    }
+  }
+  variable_list result(12);  // the forward's 12 arguments
+  if (wrt.empty()) return result;
+  const variable_list g = torch::autograd::grad(outputs, wrt, grad_outputs, /*retain_graph=*/true,
+                                                /*create_graph=*/true, /*allow_unused=*/true);
+  for (size_t k = 0; k < g.size(); ++k) result[slot_of[k]] = g[k];
+  return result;
+}
+
 class RecurrentLayer : public torch::autograd::Function<RecurrentLayer> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& batch_sizes,
@@ -86,18 +164,19 @@ class RecurrentLayer : public torch::autograd::Function<RecurrentLayer> {
                 "seqfast: recurrent_layer_forward ran with training=False, so it saved nothing for "
                 "the backward. Call it with training=True when gradients are needed.");
     const variable_list saved = ctx->get_saved_variables();
-    // Grad mode is on during a backward only under create_graph=True. The backward op is a fused
-    // kernel without a derivative of its own, so a graph through it would be wrong: say so instead.
-    if (at::GradMode::is_enabled()) {
-      const auto differentiable = [](const Tensor& t) { return t.defined() && t.requires_grad(); };
-      TORCH_CHECK(std::none_of(grads.begin(), grads.end(), differentiable) &&
-                      std::none_of(saved.begin(), saved.end(), differentiable),
-                  "seqfast: double backward (create_graph=True) through seqfast's recurrent layers is "
-                  "not supported: their backward is a fused kernel without a derivative of its own "
-                  "(torch's cuDNN RNNs have the same limitation)");
-    }
     const int64_t mode = ctx->saved_data["mode"].toInt();
     const bool reverse = ctx->saved_data["reverse"].toBool();
+    // Grad mode is on during a backward only under create_graph=True (double backward: gradient
+    // penalties, second-order meta-learning). The fused backward kernel has no derivative of its own,
+    // so then the gradients come from re-running the layer through torch's own differentiable
+    // implementation and differentiating that, with a graph (see differentiable_backward).
+    if (at::GradMode::is_enabled()) {
+      const auto differentiable = [](const Tensor& t) { return t.defined() && t.requires_grad(); };
+      if (std::any_of(grads.begin(), grads.end(), differentiable) ||
+          std::any_of(saved.begin(), saved.end(), differentiable)) {
+        return differentiable_backward(saved, grads, mode, reverse);
+      }
+    }
     const Tensor& output = saved[kOutput];
     const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
     const Tensor grad_hy = grads[1].defined() ? grads[1] : at::zeros_like(saved[kHx]);
