@@ -87,11 +87,13 @@ SEQFAST_CPU_INLINE void lstm_forward_row(
 
 // Small H. The per-row loops run H iterations, fewer than a vector holds when H < 16, so for the
 // seed-stock LSTM (H = 10) the whole gate pass ran as scalar remainder loops: 59% of its forward
-// (perf, benchmarks/NOTES.md 14). Below kFlatMaxH the LSTM passes instead stage the rows' gates
-// gate-major (gate k of element e = b*H + j at k*n + e, n = rows*H: cheap adds and copies), run one
+// (perf, benchmarks/NOTES.md 14); for 16 < H < 32 it is one vector and a long scalar remainder.
+// Below kFlatMaxH (measured: faster up to H = 31, neutral to slower from H = 40) the passes instead
+// stage the rows' gates gate-major (gate k of element e = b*H + j at k*n + e, n = rows*H: cheap adds
+// and copies), run one
 // flat vectorized loop over all n elements, and copy the saved gates back to the row layout. c, h,
 // tanh_c, c_prev and dh are (rows, H) contiguous already, so they are used in place.
-constexpr int64_t kFlatMaxH = 16;
+constexpr int64_t kFlatMaxH = 32;
 
 // Per-thread staging buffer for the flat passes (grows to the largest band seen, then is reused).
 template <typename T>
