@@ -5,8 +5,8 @@
 #   3. runs the GPU benchmarks (benchmarks/bench_gpu.py: seqfast vs cuDNN; bench_gpu_attention.py:
 #      seqfast vs the padded reference and SDPA; CUDA events, median),
 # and prints a short summary with the benchmark tables last. Budget: under 8 minutes (each stage has
-# its own timeout: build 240 s, tests 180 s, benchmarks 90 s + 45 s; expected well under
-# those: ~2.5 min of build on 16 cores, ~1.5 min of tests). Full logs go to $OUT when it is set, else to a temporary folder (printed).
+# its own timeout: build 240 s, tests 180 s, benchmarks 90 s + 45 s; not yet run on a GPU machine,
+# so the actual durations are unknown). Full logs go to $OUT when it is set, else to a temporary folder (printed).
 #
 #   benchmarks/gpu_check.sh                   # uses `python` (or $PYTHON)
 #   OUT=/some/dir PYTHON=/venv/bin/python MAX_JOBS=8 benchmarks/gpu_check.sh

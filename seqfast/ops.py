@@ -64,9 +64,13 @@ def recurrent_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mo
 
     Returns (output, h_n, c_n); c_n is an empty tensor for GRU/RNN.
     """
-    output, hy, cy, _ = torch.ops.seqfast.recurrent_layer_forward(
+    output, hy, cy, _ = _RECURRENT_LAYER_FORWARD(
         input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse, training)
     return output, hy, cy
+
+
+# The overload itself: calling it skips the packet's overload resolution on every layer and cell step.
+_RECURRENT_LAYER_FORWARD = torch.ops.seqfast.recurrent_layer_forward.default
 
 
 # =====================================================================================================

@@ -26,16 +26,16 @@ __device__ __forceinline__ A load_bias(const T* p, int64_t k) {
   return p == nullptr ? A(0) : static_cast<A>(p[k]);
 }
 
-// gi[k] = (x W_ih^T)[b, k*H + j] + b_ih[k*H + j] for the G gates. gx: the step's (rows, G*H) rows.
-// Separate from the element functions so that the persistent kernel can issue these loads before it
-// waits for h (they do not depend on it).
+// gi[k] = m[b, k*H + j] + bias[k*H + j] for the G gates of (row b, unit j) of a (rows, G*H) matrix m
+// (x W_ih^T with b_ih, or h W_hh^T with bias = nullptr). Separate from the element functions so that
+// the persistent kernel can issue the x W_ih^T loads before it waits for h (they do not depend on it).
 template <int G, typename A, typename T>
-__device__ __forceinline__ void input_gates(const A* gx, const T* b_ih, int64_t H, int64_t b, int64_t j,
-                                            A (&gi)[G]) {
-  const A* row = gx + b * G * H;
+__device__ __forceinline__ void gates_of_row(const A* m, const T* bias, int64_t H, int64_t b, int64_t j,
+                                             A (&gi)[G]) {
+  const A* row = m + b * G * H;
 #pragma unroll
   for (int k = 0; k < G; ++k) {
-    gi[k] = row[k * H + j] + load_bias<A>(b_ih, k * H + j);
+    gi[k] = row[k * H + j] + load_bias<A>(bias, k * H + j);
   }
 }
 

@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const bool active = cell && cb < bs;
     // Issued before the wait for h below, which it does not depend on, so the two loads overlap.
     A gi[G] = {};
-    if (active) input_gates<G>(p.gx + row0 * GH, p.b_ih, H, cb, cj, gi);
+    if (active) gates_of_row<G>(p.gx + row0 * GH, p.b_ih, H, cb, cj, gi);
 
     // 1. __ldcg: a coherent load from L2. Not __ldg (the read-only path may not see other blocks'
     //    writes), and not through L1, which may hold this buffer's lines from two steps ago.

@@ -43,11 +43,9 @@ __global__ void __launch_bounds__(kThreads) lstm_forward_kernel(const LstmForwar
   const int64_t H = p.H;
   SEQFAST_KERNEL_LOOP(idx, p.rows * H) {
     const int64_t b = idx / H, j = idx - b * H;
-    const A* gh_row = p.gh + b * 4 * H;
     A gi[4], gh[4];
-    input_gates<4>(p.gx, p.b_ih, H, b, j, gi);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) gh[k] = gh_row[k * H + j];
+    gates_of_row<4>(p.gx, p.b_ih, H, b, j, gi);
+    gates_of_row<4>(p.gh, static_cast<const T*>(nullptr), H, b, j, gh);
     const int64_t e = b * H + j;
     A c = p.c[e];
     const T h_prev = p.h_state != nullptr ? p.h_state[e] : T(0);
@@ -62,11 +60,9 @@ __global__ void __launch_bounds__(kThreads) gru_forward_kernel(const GruForwardP
   const int64_t H = p.H;
   SEQFAST_KERNEL_LOOP(idx, p.rows * H) {
     const int64_t b = idx / H, j = idx - b * H;
-    const A* gh_row = p.gh + b * 3 * H;
     A gi[3], gh[3];
-    input_gates<3>(p.gx, p.b_ih, H, b, j, gi);
-#pragma unroll
-    for (int k = 0; k < 3; ++k) gh[k] = gh_row[k * H + j];
+    gates_of_row<3>(p.gx, p.b_ih, H, b, j, gi);
+    gates_of_row<3>(p.gh, static_cast<const T*>(nullptr), H, b, j, gh);
     const int64_t e = b * H + j;
     p.h_state[e] = gru_forward_element<T, A, Save>(p, b, j, gi, gh, p.h_state[e]);
   }
@@ -78,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) rnn_forward_kernel(const RnnForwardP
   SEQFAST_KERNEL_LOOP(idx, p.rows * H) {
     const int64_t b = idx / H, j = idx - b * H;
     A gi[1];
-    input_gates<1>(p.gx, p.b_ih, H, b, j, gi);
+    gates_of_row<1>(p.gx, p.b_ih, H, b, j, gi);
     const int64_t e = b * H + j;
     p.h_state[e] = rnn_forward_element<T, A, Relu, Save>(p, b, j, gi[0], p.gh[e], p.h_state[e]);
   }

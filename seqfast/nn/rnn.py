@@ -32,9 +32,6 @@ def _has_fused_kernel(t: torch.Tensor) -> bool:
         "seqfast::recurrent_layer_forward", t.device.type.upper())
 
 
-_RECURRENT_LAYER_FORWARD = torch.ops.seqfast.recurrent_layer_forward.default
-
-
 def _needs_grad(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -232,8 +229,8 @@ def _cell_step(cell, mode, input, h, c):
     # ~10 us in all, so this path is kept lean.
     w_ih, w_hh, b_ih, b_hh = cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
     training = _needs_grad((input, h, c, w_ih, w_hh, b_ih, b_hh))
-    _, hy, cy, _ = _RECURRENT_LAYER_FORWARD(input.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
-                                            mode, False, training)
+    _, hy, cy = ops.recurrent_layer(input.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None, mode,
+                                    False, training)
     return hy, cy
 
 
