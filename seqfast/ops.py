@@ -7,23 +7,18 @@ which is what lets torch.compile(fullgraph=True) and torch.export trace through 
 """
 import torch
 
-from . import _extension
+from . import _extension, func
 
 _extension.load()
 
 # The `mode` argument of the recurrent ops (CellKind in csrc/include/seqfast/recurrent.h).
 MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
-_GATES = {0: 4, 1: 3, 2: 1, 3: 1}
+_GATES = func._GATES
 
 
 def workspace_columns(mode: int, hidden_size: int, state_size: int, projected: bool) -> int:
     """Width of the per-token workspace; mirrors WorkspaceLayout in csrc/include/seqfast/recurrent.h."""
-    H, P = hidden_size, state_size
-    if mode == 0:
-        return 4 * H + H + H + P + (H if projected else 0)
-    if mode == 1:
-        return 3 * H + H + H
-    return H
+    return sum(func.workspace_blocks(mode, hidden_size, state_size, projected))
 
 
 def _tokens(input, batch_sizes):
@@ -64,13 +59,20 @@ def recurrent_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mo
 
     Returns (output, h_n, c_n); c_n is an empty tensor for GRU/RNN.
     """
-    output, hy, cy, _ = _RECURRENT_LAYER_FORWARD(
-        input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse, training)
+    if _transforms_active():
+        # torch.func cannot enter the C++ autograd kernel; the Python autograd.Function can (func.py).
+        output, hy, cy, _ = func.RecurrentLayerFunction.apply(
+            input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse, training)
+    else:
+        output, hy, cy, _ = _RECURRENT_LAYER_FORWARD(
+            input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse, training)
     return output, hy, cy
 
 
 # The overload itself: calling it skips the packet's overload resolution on every layer and cell step.
 _RECURRENT_LAYER_FORWARD = torch.ops.seqfast.recurrent_layer_forward.default
+# One C call (~0.1 us): whether any torch.func transform (grad, vjp, vmap, jvp...) is active.
+_transforms_active = func.transforms_active
 
 
 # =====================================================================================================
