@@ -94,13 +94,7 @@ class RecurrentLayerFunction(torch.autograd.Function):
                 "seqfast: recurrent_layer_forward ran with training=False, so it saved nothing for the "
                 "backward. Call it with training=True when gradients are needed.")
         input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, output, workspace = ctx.saved_tensors
-        if _nested_differentiation():
-            # The backward kernel has no derivative of its own. Eager double backward re-runs the layer
-            # through torch's implementation in C++ (csrc/autograd.cpp), which functorch cannot enter.
-            raise RuntimeError(
-                "seqfast: higher-order derivatives of the recurrent layers under torch.func (grad of grad, "
-                "jacrev of jacrev, hessian) are not supported: the fused backward kernel has no derivative. "
-                "Eager double backward works: torch.autograd.grad(..., create_graph=True)")
+        _refuse_nested_differentiation()
         # Nothing differentiates this backward (checked above): run the kernel untracked, as the C++
         # path does; functorch's transforms otherwise call backward with grad mode on.
         with torch.no_grad():
@@ -118,6 +112,56 @@ class RecurrentLayerFunction(torch.autograd.Function):
         return (g_input if ctx.needs_input_grad[_INPUT] else None, None, g_hx, present(cx, g_cx), g_w_ih,
                 g_w_hh, present(b_ih, g_b_ih), present(b_hh, g_b_hh), present(w_hr, g_w_hr), None, None,
                 None)
+
+
+def _refuse_nested_differentiation():
+    if _nested_differentiation():
+        # The backward kernels have no derivative of their own. Eager double backward of the recurrent
+        # layers re-runs them through torch's implementation in C++ (csrc/autograd.cpp), which functorch
+        # cannot enter.
+        raise RuntimeError(
+            "seqfast: higher-order derivatives under torch.func (grad of grad, jacrev of jacrev, hessian) "
+            "are not supported: the fused backward kernels have no derivative. Eager double backward of "
+            "the recurrent layers works: torch.autograd.grad(..., create_graph=True)")
+
+
+def transform_friendly(op, setup_context, backward):
+    """`op` as a callable that runs it directly in eager mode and, while a functorch transform is active,
+    through a Python autograd.Function built from the op's torch.library.register_autograd pieces.
+
+    torch.library.register_autograd's own autograd kernel is an autograd.Function without a
+    setup_context staticmethod, which functorch refuses ("it must override the setup_context
+    staticmethod"); this one has it.
+    """
+
+    def forward(*args):
+        return op(*args)  # grad mode is off here: the op's autograd kernel just redispatches
+
+    def backward_untracked(ctx, *grads):
+        _refuse_nested_differentiation()
+        with torch.no_grad():  # see RecurrentLayerFunction.backward
+            return backward(ctx, *grads)
+
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            f"seqfast: forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) is not supported "
+            f"by seqfast::{op._opname}: its fused kernel has no tangent implementation. Use reverse mode "
+            f"(torch.func.grad, vjp, jacrev).")
+
+    function = type(f"{op._opname}_function", (torch.autograd.Function,), {
+        "generate_vmap_rule": True,
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward_untracked),
+        "jvp": staticmethod(jvp),
+    })
+
+    def call(*args):
+        if transforms_active():
+            return function.apply(*args)
+        return op(*args)
+
+    return call
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,3 +228,14 @@ def _backward_vmap(info, in_dims, *args):
 
 torch.library.register_vmap("seqfast::recurrent_layer_forward", _forward_vmap)
 torch.library.register_vmap("seqfast::recurrent_layer_backward", _backward_vmap)
+
+
+def _attention_vmap(op):
+    # The attention ops take varlen rows with per-sequence offsets (cu_seqlens); folding a mapped
+    # dimension would mean rebuilding those offsets for V times the sequences. One call per example.
+    return lambda info, in_dims, *args: _per_example(info, in_dims, args, op)
+
+
+for _name in ("attention_forward", "attention_backward", "additive_attention_forward",
+              "additive_attention_backward", "location_attention_forward", "location_attention_backward"):
+    torch.library.register_vmap(f"seqfast::{_name}", _attention_vmap(getattr(torch.ops.seqfast, _name).default))

@@ -73,6 +73,7 @@ def recurrent_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mo
 _RECURRENT_LAYER_FORWARD = torch.ops.seqfast.recurrent_layer_forward.default
 # One C call (~0.1 us): whether any torch.func transform (grad, vjp, vmap, jvp...) is active.
 _transforms_active = func.transforms_active
+forward_ad_active = func.forward_ad_active
 
 
 # =====================================================================================================
@@ -150,6 +151,9 @@ def _attention_backward(ctx, grad_context, _grad_lse, grad_weights):
 
 torch.library.register_autograd(
     "seqfast::attention_forward", _attention_backward, setup_context=_attention_setup_context)
+# What the modules call: torch.func-friendly (seqfast/func.py).
+attention_forward = func.transform_friendly(
+    torch.ops.seqfast.attention_forward.default, _attention_setup_context, _attention_backward)
 
 
 def _additive_attention_setup_context(ctx, inputs, output):
@@ -170,6 +174,9 @@ def _additive_attention_backward(ctx, grad_context, _grad_lse, grad_weights):
 torch.library.register_autograd(
     "seqfast::additive_attention_forward", _additive_attention_backward,
     setup_context=_additive_attention_setup_context)
+# What the modules call: torch.func-friendly (seqfast/func.py).
+additive_attention_forward = func.transform_friendly(
+    torch.ops.seqfast.additive_attention_forward.default, _additive_attention_setup_context, _additive_attention_backward)
 
 
 def _location_attention_setup_context(ctx, inputs, output):
@@ -190,4 +197,7 @@ def _location_attention_backward(ctx, grad_context, _grad_lse, grad_weights):
 torch.library.register_autograd(
     "seqfast::location_attention_forward", _location_attention_backward,
     setup_context=_location_attention_setup_context)
+# What the modules call: torch.func-friendly (seqfast/func.py).
+location_attention_forward = func.transform_friendly(
+    torch.ops.seqfast.location_attention_forward.default, _location_attention_setup_context, _location_attention_backward)
 # ================================================ end of attention ===================================

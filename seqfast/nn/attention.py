@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .. import ops  # noqa: F401  (registers the autograd/fake kernels of the ops used here)
+from .. import ops
 from .. import varlen
 
 SCORES = ("dot", "scaled_dot", "general", "concat", "location")
@@ -180,14 +180,14 @@ class Attention(nn.Module):
             scale = 1.0 / math.sqrt(self.memory_size) if self.score == "scaled_dot" else 1.0
             if self.score == "general":
                 q = q @ self.weight
-            context, _, weights = torch.ops.seqfast.attention_forward(
+            context, _, weights = ops.attention_forward(
                 q, cache.memory, *args, scale, need_weights)
         elif self.score == "concat":
             query_proj = nn.functional.linear(q, self.w_query)
-            context, _, weights = torch.ops.seqfast.additive_attention_forward(
+            context, _, weights = ops.additive_attention_forward(
                 query_proj, cache.memory_proj, cache.memory, self.v, *args, need_weights)
         else:
             scores = nn.functional.linear(q, self.weight)
-            context, _, weights = torch.ops.seqfast.location_attention_forward(
+            context, _, weights = ops.location_attention_forward(
                 scores, cache.memory, *args, need_weights)
         return context, weights

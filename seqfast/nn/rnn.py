@@ -28,8 +28,9 @@ def _has_fused_kernel(t: torch.Tensor) -> bool:
         return t.dtype in _FUSED_DTYPES
     if t.dtype not in (_FUSED_DTYPES_CUDA if t.device.type == "cuda" else _FUSED_DTYPES):
         return False
+    # The dispatch key of a device type is not its upper-cased name ("meta" -> "Meta").
     return torch._C._dispatch_has_kernel_for_dispatch_key(
-        "seqfast::recurrent_layer_forward", t.device.type.upper())
+        "seqfast::recurrent_layer_forward", torch._C._dispatch_key_for_device(t.device.type))
 
 
 def _needs_grad(tensors) -> bool:
@@ -84,7 +85,7 @@ class _FusedRNNBase(nn.RNNBase):
     def _run(self, input, batch_sizes, hx):
         """Dispatch between the fused kernels and torch; returns (output, hidden) like torch's _VF."""
         is_lstm = self.mode == "LSTM"
-        if not _has_fused_kernel(input):
+        if not _has_fused_kernel(input) or ops.forward_ad_active():
             return self._run_torch(input, batch_sizes, hx)
         h0, c0 = hx if is_lstm else (hx, None)
         time_major = batch_sizes is None and self.batch_first
@@ -224,6 +225,13 @@ def _check_cell_input(input, hidden_states, input_size, hidden_size):
                 f"hidden{label} has inconsistent hidden_size: got {h.size(1)}, expected {hidden_size}")
 
 
+def _torch_cell_step(cell) -> bool:
+    """Cases the fused kernel does not take, which torch's own cell computes: hidden_size=0 (an empty
+    step: torch returns (B, 0) states, and zero input gradients), and forward-mode AD (jvp, jacfwd),
+    which would need a tangent recurrence the kernel does not have."""
+    return cell.hidden_size == 0 or ops.forward_ad_active()
+
+
 def _cell_step(cell, mode, input, h, c):
     # Each parameter read goes through Module.__getattr__ (~0.3 us): read them once. A cell step is
     # ~10 us in all, so this path is kept lean.
@@ -245,7 +253,7 @@ class LSTMCell(nn.LSTMCell):
                 if value.dim() not in (1, 2):
                     raise ValueError(
                         f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
-        if not _has_fused_kernel(input):
+        if not _has_fused_kernel(input) or _torch_cell_step(self):
             return super().forward(input, hx)
         is_batched = input.dim() == 2
         if not is_batched:
@@ -273,7 +281,7 @@ class _SingleStateCell:
             raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None and hx.dim() not in (1, 2):
             raise ValueError(f"{self._name}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
-        if not _has_fused_kernel(input):
+        if not _has_fused_kernel(input) or _torch_cell_step(self):
             return super().forward(input, hx)
         mode = self._mode()
         is_batched = input.dim() == 2
