@@ -14,8 +14,10 @@ fold: the kernel sums the weight gradients over its batch, and vmap needs one we
 fold (parameters or packed data mapped: each example has its own weights or its own batch_sizes) also
 run one call per example.
 
-Forward-mode AD (jvp, jacfwd) has no kernel here (it would need a tangent recurrence); the modules in
-seqfast.nn run torch's own implementation while a forward-AD level is active (see forward_ad_active).
+Forward-mode AD (jvp, jacfwd) has no kernel here (it would need a tangent recurrence), and the backward
+kernel has no derivative: the modules in seqfast.nn run torch's own implementation while a forward-AD
+level is active or differentiating transforms are nested (see torch_implementation_needed), which is as
+far as torch.nn goes.
 """
 import torch
 import torch.autograd.forward_ad as _fwAD
@@ -57,14 +59,27 @@ def forward_ad_active() -> bool:
     return _fwAD._current_level >= 0
 
 
+def _differentiating_levels() -> int:
+    differentiating = (TransformType.Grad, TransformType.Jvp)
+    return sum(i.key() in differentiating for i in retrieve_all_functorch_interpreters())
+
+
 def _nested_differentiation() -> bool:
     """Whether this backward runs inside another differentiating transform, which would differentiate it.
 
     functorch keeps the transform whose backward is running on its interpreter stack, so one Grad (or
     Jvp) interpreter is this backward's own; a second one is an outer transform.
     """
-    differentiating = (TransformType.Grad, TransformType.Jvp)
-    return sum(i.key() in differentiating for i in retrieve_all_functorch_interpreters()) > 1
+    return _differentiating_levels() > 1
+
+
+def torch_implementation_needed() -> bool:
+    """Whether the modules must run torch's own implementation instead of the fused ops: under forward-mode
+    AD (the kernels have no tangent recurrence), and under nested differentiating transforms (grad of
+    grad, jacrev of jacrev, hessian: the backward kernel has no derivative). Cheap when neither is on."""
+    if forward_ad_active():
+        return True
+    return transforms_active() and _differentiating_levels() > 1
 
 
 class RecurrentLayerFunction(torch.autograd.Function):

@@ -73,7 +73,7 @@ def recurrent_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mo
 _RECURRENT_LAYER_FORWARD = torch.ops.seqfast.recurrent_layer_forward.default
 # One C call (~0.1 us): whether any torch.func transform (grad, vjp, vmap, jvp...) is active.
 _transforms_active = func.transforms_active
-forward_ad_active = func.forward_ad_active
+torch_implementation_needed = func.torch_implementation_needed
 
 
 # =====================================================================================================

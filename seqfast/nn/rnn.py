@@ -85,7 +85,7 @@ class _FusedRNNBase(nn.RNNBase):
     def _run(self, input, batch_sizes, hx):
         """Dispatch between the fused kernels and torch; returns (output, hidden) like torch's _VF."""
         is_lstm = self.mode == "LSTM"
-        if not _has_fused_kernel(input) or ops.forward_ad_active():
+        if not _has_fused_kernel(input) or ops.torch_implementation_needed():
             return self._run_torch(input, batch_sizes, hx)
         h0, c0 = hx if is_lstm else (hx, None)
         time_major = batch_sizes is None and self.batch_first
@@ -227,9 +227,9 @@ def _check_cell_input(input, hidden_states, input_size, hidden_size):
 
 def _torch_cell_step(cell) -> bool:
     """Cases the fused kernel does not take, which torch's own cell computes: hidden_size=0 (an empty
-    step: torch returns (B, 0) states, and zero input gradients), and forward-mode AD (jvp, jacfwd),
-    which would need a tangent recurrence the kernel does not have."""
-    return cell.hidden_size == 0 or ops.forward_ad_active()
+    step: torch returns (B, 0) states, and zero input gradients), and forward-mode AD or nested
+    torch.func differentiation (see seqfast.func.torch_implementation_needed)."""
+    return cell.hidden_size == 0 or ops.torch_implementation_needed()
 
 
 def _cell_step(cell, mode, input, h, c):
