@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
+from torch._guards import detect_fake_mode
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops
@@ -120,10 +121,10 @@ class Attention(nn.Module):
             rows = layout.data
             if self.score == "concat" and layout.seqused is not None:
                 # concat runs a GEMM over every memory row. Eager: copy the used rows out, so the GEMM
-                # skips the padding. Compiled (the row count would depend on the lengths' values):
-                # zero the padded rows, so that whatever they hold (NaN, Inf) cannot reach W_m's
-                # gradient as 0 * NaN.
-                if torch.compiler.is_compiling():
+                # skips the padding. Compiled or under FakeTensorMode (the row count would depend on the
+                # lengths' values): zero the padded rows, so that whatever they hold (NaN, Inf) cannot
+                # reach W_m's gradient as 0 * NaN.
+                if torch.compiler.is_compiling() or detect_fake_mode(memory) is not None:
                     B, Tk = memory.shape[:2]
                     valid = torch.arange(Tk).unsqueeze(0) < layout.seqused.unsqueeze(1)
                     rows = torch.where(valid.reshape(B * Tk, 1).to(rows.device), rows, 0.0)
