@@ -77,9 +77,8 @@ def torch_implementation_needed() -> bool:
     """Whether the modules must run torch's own implementation instead of the fused ops: under forward-mode
     AD (the kernels have no tangent recurrence), and under nested differentiating transforms (grad of
     grad, jacrev of jacrev, hessian: the backward kernel has no derivative). Cheap when neither is on."""
-    if forward_ad_active():
-        return True
-    return transforms_active() and _differentiating_levels() > 1
+    # forward_ad_active() inlined: this runs on every eager cell step.
+    return _fwAD._current_level >= 0 or (transforms_active() and _differentiating_levels() > 1)
 
 
 class RecurrentLayerFunction(torch.autograd.Function):
