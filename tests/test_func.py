@@ -480,3 +480,37 @@ def test_backward_refuses_to_be_differentiated_under_transforms():
 
     # grad(inner) differentiates vjp's backward only through ops torch knows: this must simply work.
     torch.testing.assert_close(grad(inner)(x), grad(lambda x: 2 * sf(x)[0].sum())(x))
+
+
+def test_vmap_then_eager_backward_matches_loop():
+    """A vmapped model trained with ordinary autograd outside the transform."""
+    torch.manual_seed(0)
+    sf = seqfast.nn.LSTM(I, H, num_layers=2).double()
+    xs = torch.randn(3, T, 2, I, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = vmap(lambda x: sf(x)[0])(xs)
+    got = torch.autograd.grad(out.pow(2).sum(), [xs, *sf.parameters()])
+    loop = torch.stack([sf(x)[0] for x in xs])
+    want = torch.autograd.grad(loop.pow(2).sum(), [xs, *sf.parameters()])
+    torch.testing.assert_close(out, loop)
+    assert_trees_close(got, want, torch.float64, "grads")
+
+
+def test_vmap_over_packed_data_matches_loop(forward_calls):
+    """Packed input: its batch_sizes describe one example's batch, so the rule runs one call per example."""
+    torch.manual_seed(0)
+    sf = seqfast.nn.GRU(I, H, bidirectional=True).double()
+    packed = pack_padded_sequence(torch.randn(T, 3, I, dtype=torch.float64), [T, 2, 4], enforce_sorted=False)
+    datas = torch.randn(4, *packed.data.shape, dtype=torch.float64)
+
+    def run(data):
+        out, h = sf(PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices))
+        return out.data, h
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = vmap(run)(datas)
+    assert len(forward_calls) == 4 * 2  # per example, per direction
+    want = [run(d) for d in datas]
+    assert_trees_close(got, tuple(torch.stack(p) for p in zip(*want)), torch.float64, "vmap packed")
