@@ -1,11 +1,12 @@
-"""torch.func support for the recurrent layer op: a Python-visible autograd path and vmap batching rules.
+"""torch.func support for the seqfast ops: Python-visible autograd paths and vmap batching rules.
 
 Plain eager calls go through the C++ autograd kernel of seqfast::recurrent_layer_forward
 (csrc/autograd.cpp), which is the fast path. functorch cannot see inside a C++ torch::autograd::Function
 ("cannot use C++ torch::autograd::Function with functorch transforms"), so while a transform (grad, vjp,
 jacrev, vmap, ...) is active, seqfast.ops.recurrent_layer calls RecurrentLayerFunction below instead: the
 same forward and backward ops, wired together by a Python torch.autograd.Function with a separate
-setup_context, which is the form the transforms accept.
+setup_context, which is the form the transforms accept. The attention ops get the same treatment from
+transform_friendly (their eager autograd kernel, from torch.library.register_autograd, is also refused).
 
 vmap: torch.library.register_vmap gives both ops a batching rule. The forward folds the mapped dimension
 into the op's batch dimension, so one kernel call serves the whole vmapped batch. The backward cannot

@@ -176,7 +176,8 @@ torch.library.register_autograd(
     setup_context=_additive_attention_setup_context)
 # What the modules call: torch.func-friendly (seqfast/func.py).
 additive_attention_forward = func.transform_friendly(
-    torch.ops.seqfast.additive_attention_forward.default, _additive_attention_setup_context, _additive_attention_backward)
+    torch.ops.seqfast.additive_attention_forward.default, _additive_attention_setup_context,
+    _additive_attention_backward)
 
 
 def _location_attention_setup_context(ctx, inputs, output):
@@ -199,5 +200,6 @@ torch.library.register_autograd(
     setup_context=_location_attention_setup_context)
 # What the modules call: torch.func-friendly (seqfast/func.py).
 location_attention_forward = func.transform_friendly(
-    torch.ops.seqfast.location_attention_forward.default, _location_attention_setup_context, _location_attention_backward)
+    torch.ops.seqfast.location_attention_forward.default, _location_attention_setup_context,
+    _location_attention_backward)
 # ================================================ end of attention ===================================

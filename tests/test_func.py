@@ -263,7 +263,8 @@ def test_attention_vmap_matches_loop_without_warning():
 def test_attention_forward_mode_raises_clear_error():
     attn = seqfast.nn.Attention(5, 5, score="general").double()
     q, memory = torch.randn(B, 5, dtype=torch.float64), torch.randn(B, 6, 5, dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match="seqfast: forward-mode AD .* not supported by seqfast::attention_forward"):
+    message = "seqfast: forward-mode AD .* not supported by seqfast::attention_forward"
+    with pytest.raises(NotImplementedError, match=message):
         jvp(lambda q: attn(q, memory)[0], (q,), (torch.ones_like(q),))
 
 
@@ -410,7 +411,8 @@ def test_cell_jvp_and_jacfwd_match_torch(name, kw):
     x = torch.randn(B, I, dtype=dtype)
     f_sf = lambda x: flat_outputs(sf(x))  # noqa: E731
     f_ref = lambda x: flat_outputs(ref(x))  # noqa: E731
-    assert_trees_close(jvp(f_sf, (x,), (torch.ones_like(x),)), jvp(f_ref, (x,), (torch.ones_like(x),)), dtype, "jvp")
+    tangent = (torch.ones_like(x),)
+    assert_trees_close(jvp(f_sf, (x,), tangent), jvp(f_ref, (x,), tangent), dtype, "jvp")
     assert_trees_close(jacfwd(f_sf)(x), jacfwd(f_ref)(x), dtype, "jacfwd")
 
 
