@@ -516,3 +516,17 @@ def test_vmap_over_packed_data_matches_loop(forward_calls):
     assert len(forward_calls) == 4 * 2  # per example, per direction
     want = [run(d) for d in datas]
     assert_trees_close(got, tuple(torch.stack(p) for p in zip(*want)), torch.float64, "vmap packed")
+
+
+def test_nested_vmap_and_mapped_dim_not_first(forward_calls):
+    torch.manual_seed(0)
+    sf = seqfast.nn.LSTM(I, H, bidirectional=True).double()
+    xs = torch.randn(T, 2, 3, B, I, dtype=torch.float64)  # mapped dims at 1 and (then) 1 again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = vmap(vmap(lambda x: flat_outputs(sf(x)), in_dims=1), in_dims=1)(xs)
+    assert len(forward_calls) == 2  # both vmapped dims folded into one call per direction
+    runs = [[flat_outputs(sf(xs[:, i, j])) for j in range(3)] for i in range(2)]
+    want = tuple(torch.stack([torch.stack([runs[i][j][k] for j in range(3)]) for i in range(2)])
+                 for k in range(3))
+    assert_trees_close(got, want, torch.float64, "nested vmap")
