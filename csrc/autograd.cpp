@@ -210,8 +210,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrent_layer_forward_autograd(
     return forward_op().call(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse,
                              training);
   }
+  // A node is recorded, so its backward needs the workspace whatever `training` says: the caller's
+  // flag cannot always know (a torch.jit.trace graph holds it as a constant recorded once, and must
+  // not depend on the grad mode at trace time).
   const variable_list out = RecurrentLayer::apply(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh,
-                                                  w_hr, mode, reverse, training);
+                                                  w_hr, mode, reverse, /*training=*/true);
   return {out[0], out[1], out[2], out[3]};
 }
 
