@@ -88,7 +88,7 @@ def _legacy_symbolic(g, input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr
     initial = [sh._unsqueeze_helper(g, hx, [0])]
     if mode == 0:
         initial.append(sh._unsqueeze_helper(g, cx, [0]))
-    attrs = {f"{k}_{'s' if isinstance(v, str) else 'ss' if isinstance(v, list) else 'i'}": v
+    attrs = {f"{k}_{'i' if isinstance(v, int) else 's'}": v  # jit attribute kinds: int, str(s)
              for k, v in _node_attributes(mode, reverse, hidden_size).items()}
     # sequence_lens is absent: padded input, every sequence full length.
     outs = g.op(_ONNX_OP[mode], input, per_direction(w_ih), per_direction(w_hh), bias, absent(g),
@@ -158,11 +158,16 @@ def attention_forward(module, query, memory, memory_lengths, need_weights):
             "seqfast: ONNX export of seqfast.nn.Attention with a PackedSequence query or memory is not "
             "supported; export it with a padded (B, Tk, D) memory and memory_lengths.")
     params = {name: getattr(module, name, None) for name in ("weight", "w_query", "w_memory", "v", "bias")}
+    if memory_lengths is not None:
+        # seqfast's kernels never read the padding: zero it, so that whatever it holds (NaN, Inf) cannot
+        # reach the result as 0 * NaN.
+        lengths = torch.as_tensor(memory_lengths, device=memory.device)
+        pad = torch.arange(memory.shape[1], device=memory.device).unsqueeze(0) >= lengths.unsqueeze(1)
+        memory = torch.where(pad.unsqueeze(-1), torch.zeros_like(memory), memory)
     context, weights = reference.attention(query, memory, memory_lengths, module.score, **params)
     if memory_lengths is not None:
         # seqfast's kernels give a length-0 memory a zero context and zero weights; the reference's
         # softmax over nothing but -inf gives NaN.
-        lengths = torch.as_tensor(memory_lengths, device=memory.device)
         empty = (lengths == 0).reshape(-1, *([1] * (context.dim() - 1)))
         context = torch.where(empty, torch.zeros_like(context), context)
         weights = torch.where(empty, torch.zeros_like(weights), weights)
