@@ -173,3 +173,24 @@ def test_export_attention_lengths_are_an_input():
         want = m(query, memory, lengths)
     for g, w in zip(got, want):
         torch.testing.assert_close(torch.from_numpy(g), w, rtol=0, atol=ATOL)
+
+
+def test_benchmark_onnxruntime_column(monkeypatch):
+    # issue 11: the inference rows get an onnxruntime contestant (torch.nn exported, one session);
+    # without onnxruntime the column says so and the rest still runs.
+    from seqfast import benchmarking, ort_benchmark
+
+    def run():
+        return benchmarking.run_rnn_benchmarks(cells=["gru"], configs=["cell-step"], modes=["inference"],
+                                               repeats=2, warmup=1, progress=None, onnxruntime=True)
+
+    monkeypatch.setattr(ort_benchmark, "PAUSE_S", 0.01)
+    (row,) = run()
+    assert row["error"] is None and row["onnxruntime"] == ort.__version__
+    assert row["onnxruntime_s"] > 0 and row["onnxruntime_max_abs_diff"] < ATOL
+    assert "| GRUCell |" in ort_benchmark.markdown_table([row])
+
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # import now fails
+    (row,) = run()
+    assert row["error"] is None and row["onnxruntime"] == "not installed" and row["seqfast_s"] > 0
+    assert "not installed" in ort_benchmark.markdown_table([row])
