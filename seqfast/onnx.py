@@ -15,14 +15,19 @@ No ONNX equivalent: LSTM ``proj_size`` and PackedSequence input (ONNX's sequence
 left-aligned padded sequences, not torch's time-major packed rows); both raise an error naming the
 feature, as torch.nn's own export does for proj_size.
 
-Exporters:
-  * ``torch.onnx.export(model, args, f, dynamo=False)`` (TorchScript): works as is; the symbolic is
-    registered at ``import seqfast`` with ``torch.onnx.register_custom_op_symbolic``.
-  * ``torch.onnx.export(model, args, dynamo=True)``: torch 2.13 builds its operator registry afresh
-    for every export and has no public way to add to it globally, so pass
-    ``custom_translation_table=seqfast.onnx.custom_translation_table``, or call
-    ``seqfast.onnx.export(model, args, ...)``, which does that. Needs the ``onnxscript`` package.
+Exporters (both work on a plain ``torch.onnx.export`` call after ``import seqfast``):
+  * ``dynamo=False`` (TorchScript): the symbolic is registered with
+    ``torch.onnx.register_custom_op_symbolic``.
+  * ``dynamo=True``: torch 2.13 has no public registry of its own for custom ops (it builds one per
+    export), but it reads onnxscript's torch_lib registry, where the translation is registered (see
+    register_dynamo_translations). The same translation is also offered as
+    ``seqfast.onnx.custom_translation_table`` for ``custom_translation_table=``, and
+    ``seqfast.onnx.export`` passes it. Needs the ``onnxscript`` package, as torch's exporter does.
 """
+import importlib.abc
+import importlib.util
+import sys
+
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
@@ -187,5 +192,53 @@ def export(model, args=(), f=None, *, custom_translation_table=None, **kwargs):
     return torch.onnx.export(model, args, f, custom_translation_table=table, **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------------
+# dynamo=True without a table: torch builds each export's registry from onnxscript's torch_lib registry
+# (where torchvision's nms/roi_align translations live too), so a translation registered there is found
+# by a plain torch.onnx.export(dynamo=True). Importing onnxscript costs ~1.4 s, too much for every
+# `import seqfast`: the registration runs when the exporter itself imports torch_lib's ops (a one-shot
+# post-import hook), or at once if that already happened.
+
+_TORCHLIB_OPS = "onnxscript.function_libs.torch_lib.ops"
+
+
+def register_dynamo_translations():
+    """Put the seqfast translations in onnxscript's torch_lib registry (idempotent)."""
+    from onnxscript.function_libs.torch_lib.registration import default_registry, torch_op
+
+    for target, function in custom_translation_table.items():
+        name = target.name()  # "seqfast::recurrent_layer_forward"
+        if name not in default_registry:
+            torch_op(name, trace_only=True)(function)
+
+
+class _AfterTorchlibImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; wraps the loader of torch_lib's ops to register seqfast's after it ran."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _TORCHLIB_OPS:
+            return None
+        sys.meta_path.remove(self)  # one shot, and lets the lookup below reach the real finders
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            register_dynamo_translations()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def _register_dynamo_on_import():
+    if _TORCHLIB_OPS in sys.modules:
+        register_dynamo_translations()
+    elif importlib.util.find_spec("onnxscript") is not None:
+        sys.meta_path.insert(0, _AfterTorchlibImport())
+
+
 _register_legacy()
-__all__ = ["custom_translation_table", "export", "gate_rows"]
+_register_dynamo_on_import()
+__all__ = ["custom_translation_table", "export", "gate_rows", "register_dynamo_translations"]

@@ -5,6 +5,8 @@ own kernels), and seqfast.nn.Attention standard ops with its padding mask.
 """
 import io
 import logging
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -49,8 +51,8 @@ def _flat(out):
 
 
 def _export(model, args, dynamo):
-    if dynamo:
-        return seqfast.onnx.export(model, args, verbose=False).model_proto
+    if dynamo:  # a plain export: seqfast registers its translations with the exporter's registry
+        return torch.onnx.export(model, args, dynamo=True, verbose=False).model_proto
     f = io.BytesIO()
     torch.onnx.export(model, args, f, dynamo=False)
     return onnx.load_from_string(f.getvalue())
@@ -114,6 +116,29 @@ def test_export_cell(kind, dynamo):
 def test_export_cell_without_state():
     torch.manual_seed(0)
     _run_and_compare(seqfast.nn.LSTMCell(5, 7), (torch.randn(3, 5),), False, {"LSTM": 1})
+
+
+def test_dynamo_export_with_the_explicit_table():
+    # For code that builds its own table: seqfast's, passed explicitly or through seqfast.onnx.export.
+    torch.manual_seed(0)
+    m, x = seqfast.nn.GRU(5, 7).eval(), torch.randn(4, 3, 5)
+    for program in (torch.onnx.export(m, (x,), dynamo=True, verbose=False,
+                                      custom_translation_table=seqfast.onnx.custom_translation_table),
+                    seqfast.onnx.export(m, (x,), verbose=False)):
+        assert [n.op_type for n in program.model_proto.graph.node].count("GRU") == 1
+
+
+def test_dynamo_registration_when_onnxscript_was_imported_first():
+    # The other import order: onnxscript's torch_lib already loaded when seqfast is imported.
+    script = ("import torch, logging; logging.disable(logging.WARNING)\n"
+              "import onnxscript.function_libs.torch_lib.ops\n"
+              "import seqfast\n"
+              "p = torch.onnx.export(seqfast.nn.RNN(5, 7).eval(), (torch.randn(4, 3, 5),), dynamo=True,"
+              " verbose=False)\n"
+              "print([n.op_type for n in p.model_proto.graph.node].count('RNN'))\n")
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.split()[-1] == "1", run.stderr[-2000:]
 
 
 def test_gate_rows_match_onnx_layout():
