@@ -3,6 +3,7 @@
     python benchmarks/bench_rnn.py               # everything (~15 min on 2 cores)
     python benchmarks/bench_rnn.py --quick       # < 1 min: small configs, 11 repeats
     python benchmarks/bench_rnn.py --cells lstm --configs canonical --modes training
+    python benchmarks/bench_rnn.py --no-onnxruntime  # without the onnxruntime column of inference rows
 
 --quick runs seed-stock, small, nmt-enc and cell-step with 11 repeats, 2 warm-ups
 and shorter samples; --configs/--repeats/--warmup still override it. A measurement
@@ -45,6 +46,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, help="untimed calls per implementation (default 3, quick 2)")
     p.add_argument("--json", default=os.path.join(HERE, "results", "bench_rnn.json"),
                    help="where to write results (default benchmarks/results/bench_rnn.json)")
+    p.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false",
+                   help="skip the onnxruntime column of the inference rows (on when it is installed)")
     # Debug: benchmark another module in seqfast's place, e.g. torch.nn to test the
     # harness before the extension is built. Also settable via SEQFAST_BENCH_MODULE.
     p.add_argument("--seqfast-module", default=os.environ.get("SEQFAST_BENCH_MODULE", "seqfast.nn"),
@@ -64,7 +67,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     rows = common.run_rnn_benchmarks(quick=args.quick, cells=args.cells, configs=args.configs,
                                      modes=args.modes, repeats=args.repeats, warmup=args.warmup,
-                                     impl=impl)
+                                     impl=impl, onnxruntime=args.onnxruntime)
     elapsed = time.perf_counter() - t0
     meta.update(quick=args.quick, elapsed_s=round(elapsed, 1), argv=sys.argv[1:])
     common.write_json(rows, args.json, meta)
@@ -76,6 +79,12 @@ def main(argv=None):
           f"{meta['torch_threads']} threads, {meta['cpu_model']}; median of {n} samples per "
           f"implementation, speedup = torch / seqfast\n")
     print(common.markdown_table(rows))
+    if args.onnxruntime:
+        from seqfast import ort_benchmark
+        print(f"\nInference with onnxruntime {ort_benchmark.version() or '(not installed)'} "
+              f"(torch.nn exported with torch.onnx.export(dynamo=False); {meta['torch_threads']} "
+              f"intra-op threads; contestants timed in blocks with {ort_benchmark.PAUSE_S} s pauses)\n")
+        print(ort_benchmark.markdown_table(rows))
     return 1 if any(r.get("error") for r in rows) else 0
 
 

@@ -147,7 +147,6 @@ class RecurrentLayer : public torch::autograd::Function<RecurrentLayer> {
                             workspace});
     ctx->saved_data["mode"] = mode;
     ctx->saved_data["reverse"] = reverse;
-    ctx->saved_data["training"] = training;
     // The workspace is never differentiated, and an unused output must not get a zero-filled
     // gradient of its full size: the backward fills in only the small ones it needs.
     if (mode == 0) {
@@ -160,9 +159,6 @@ class RecurrentLayer : public torch::autograd::Function<RecurrentLayer> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(ctx->saved_data["training"].toBool(),
-                "seqfast: recurrent_layer_forward ran with training=False, so it saved nothing for "
-                "the backward. Call it with training=True when gradients are needed.");
     const variable_list saved = ctx->get_saved_variables();
     const int64_t mode = ctx->saved_data["mode"].toInt();
     const bool reverse = ctx->saved_data["reverse"].toBool();
@@ -210,8 +206,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrent_layer_forward_autograd(
     return forward_op().call(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse,
                              training);
   }
+  // A node is recorded, so its backward needs the workspace whatever `training` says: the caller's
+  // flag cannot always know (a torch.jit.trace graph holds it as a constant recorded once, and must
+  // not depend on the grad mode at trace time).
   const variable_list out = RecurrentLayer::apply(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh,
-                                                  w_hr, mode, reverse, training);
+                                                  w_hr, mode, reverse, /*training=*/true);
   return {out[0], out[1], out[2], out[3]};
 }
 

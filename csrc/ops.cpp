@@ -9,7 +9,8 @@ TORCH_LIBRARY(seqfast, m) {
   //   hx: (B, P) initial hidden state, P = proj_size or hidden_size; cx: (B, H) for LSTM, else None
   //   w_ih (G*H, I), w_hh (G*H, P), b_ih/b_hh (G*H) or None, w_hr (P, H) or None; G = 4/3/1
   //   mode: 0 LSTM, 1 GRU, 2 RNN tanh, 3 RNN relu; reverse: run t = T-1 .. 0 (each packed sequence
-  //   from its own last element); training: save the workspace the backward needs.
+  //   from its own last element); training: save the workspace the backward needs (the autograd
+  //   kernel sets it whenever it records a backward node, so False is only a hint for inference).
   // Returns output (input's leading dims, P), hy (B, P), cy (B, H) or empty, workspace (flat).
   m.def(
       "recurrent_layer_forward(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor? cx, "

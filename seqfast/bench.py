@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from . import attention_benchmark, benchmarking
+from . import attention_benchmark, benchmarking, ort_benchmark
 
 
 def plot_speedups(rows, path, title):
@@ -45,13 +45,15 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small configs and few repeats (< 1 min)")
     p.add_argument("--out", default="seqfast-bench", help="output folder (default ./seqfast-bench)")
+    p.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false",
+                   help="skip the onnxruntime column of the inference rows (on when it is installed)")
     args = p.parse_args(argv)
 
     meta = benchmarking.machine_info("seqfast.nn")
     print(f"seqfast {meta.get('seqfast_version')} | torch {meta['torch_version']} | "
           f"{meta['torch_threads']} threads | {meta['cpu_model']}", file=sys.stderr)
     start = time.perf_counter()
-    rows = benchmarking.run_rnn_benchmarks(quick=args.quick, impl="seqfast.nn")
+    rows = benchmarking.run_rnn_benchmarks(quick=args.quick, impl="seqfast.nn", onnxruntime=args.onnxruntime)
     print("attention ...", file=sys.stderr)
     attention_rows = attention_benchmark.run(attention_benchmark.SCORES,
                                              list(attention_benchmark.CONFIGS), quick=args.quick,
@@ -71,6 +73,9 @@ def main(argv=None):
     plot_speedups(bars, png_path, f"seqfast vs torch.nn / padded reference, {meta['cpu_model']}, "
                                   f"{meta['torch_threads']} threads, torch {meta['torch_version']}")
     print(benchmarking.markdown_table(rows))
+    if args.onnxruntime:
+        print(f"\nInference vs onnxruntime {ort_benchmark.version() or '(not installed)'}:\n")
+        print(ort_benchmark.markdown_table(rows))
     print()
     print(attention_benchmark.markdown_table(attention_rows))
     print(f"\nwrote {os.path.abspath(json_path)}\nwrote {os.path.abspath(attention_json)}"

@@ -182,7 +182,7 @@ def _row_base(kind, config, mode):
             "packed": cfg.packed, "error": None}
 
 
-def _measure(kind, config, mode, impl, repeats, warmup, min_sample_s, max_time_s):
+def _measure(kind, config, mode, impl, repeats, warmup, min_sample_s, max_time_s, onnxruntime=False):
     row = _row_base(kind, config, mode)
     cfg, is_cell, cls_name = RNN_CONFIGS[config], config == CELL_CONFIG, row["cell"]
     torch.manual_seed(0)
@@ -200,7 +200,15 @@ def _measure(kind, config, mode, impl, repeats, warmup, min_sample_s, max_time_s
         grads = [[p.grad for _, p in sorted(m.named_parameters())] for m in (ref, new)]
         diff_grad, rel_grad = _diffs(*grads)
 
-    (t_ref, t_new), inner = time_interleaved(steps, repeats, warmup, min_sample_s, max_time_s)
+    ort_step = None
+    if onnxruntime and mode == "inference":  # the onnxruntime column (seqfast/ort_benchmark.py)
+        from . import ort_benchmark
+        ort_step = ort_benchmark.contestant(row, ref, args, _tensors(out_ref), cfg.packed)
+    if ort_step is None:
+        (t_ref, t_new), inner = time_interleaved(steps, repeats, warmup, min_sample_s, max_time_s)
+    else:
+        (t_ref, t_new, t_ort), inner = ort_benchmark.time_blocked(
+            steps + [ort_step], repeats, warmup, min_sample_s, max_time_s)
     (ref_med, ref_iqr), (new_med, new_iqr) = _median_iqr(t_ref), _median_iqr(t_new)
     row.update({
         "unit": "us" if is_cell else "ms",  # display unit; times below are seconds
@@ -215,15 +223,19 @@ def _measure(kind, config, mode, impl, repeats, warmup, min_sample_s, max_time_s
         "max_abs_diff_out": diff_out, "max_abs_diff_grad": diff_grad,
         "repeats": len(t_ref), "calls_per_sample": inner,
     })
+    if ort_step is not None:
+        row.update(ort_benchmark.result_fields(t_ort, new_med, ref_med, row["onnxruntime_max_abs_diff"]))
     return row
 
 
 def run_rnn_benchmarks(quick=False, cells=None, configs=None, modes=None,
-                       repeats=None, warmup=None, impl="seqfast.nn", progress=sys.stderr):
+                       repeats=None, warmup=None, impl="seqfast.nn", progress=sys.stderr,
+                       onnxruntime=False):
     """Benchmark torch.nn vs `impl` (a module or its name); one dict per measurement.
 
     Defaults: all cells, all configs (QUICK_CONFIGS when quick), both modes,
-    repeats/warmup/time caps from FULL_SETTINGS / QUICK_SETTINGS. A failing measurement
+    repeats/warmup/time caps from FULL_SETTINGS / QUICK_SETTINGS. onnxruntime=True adds the
+    onnxruntime contestant to the inference rows (seqfast/ort_benchmark.py). A failing measurement
     yields a row with "error" set instead of aborting the whole run.
     """
     if isinstance(impl, str):
@@ -239,7 +251,8 @@ def run_rnn_benchmarks(quick=False, cells=None, configs=None, modes=None,
     rows = []
     for n, (kind, config, mode) in enumerate(jobs, 1):
         try:
-            row = _measure(kind, config, mode, impl, repeats, warmup, min_sample_s, max_time_s)
+            row = _measure(kind, config, mode, impl, repeats, warmup, min_sample_s, max_time_s,
+                           onnxruntime)
         except Exception as e:  # the library under test may still be incomplete
             row = _row_base(kind, config, mode)
             row["error"] = f"{type(e).__name__}: {e}"

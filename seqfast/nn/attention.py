@@ -148,6 +148,9 @@ class Attention(nn.Module):
         return self._attend(query_t, cache, need_weights)
 
     def forward(self, query, memory, memory_lengths=None, need_weights=True):
+        if torch.onnx.is_in_onnx_export():  # ONNX has no varlen kernels: padded math (seqfast/onnx.py)
+            from .. import onnx as _onnx
+            return _onnx.attention_forward(self, query, memory, memory_lengths, need_weights)
         return self._attend(query, self.precompute(memory, memory_lengths), need_weights)
 
     # ----------------------------------------------------------------------------------------------

@@ -34,7 +34,11 @@ def _has_fused_kernel(t: torch.Tensor) -> bool:
 
 
 def _needs_grad(tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    # Under torch.jit.trace the answer would become a constant of the graph, fixed by the grad mode at
+    # trace time (and trace's own check re-runs under no_grad); record False instead: the op's
+    # autograd kernel saves the workspace whenever it records a node for the backward.
+    return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+            and not torch.jit.is_tracing())
 
 
 class _FusedRNNBase(nn.RNNBase):
