@@ -27,6 +27,7 @@ Exporters (both work on a plain ``torch.onnx.export`` call after ``import seqfas
 import importlib.abc
 import importlib.util
 import sys
+import warnings
 
 import torch
 from torch.nn.utils.rnn import PackedSequence
@@ -226,7 +227,13 @@ class _AfterTorchlibImport(importlib.abc.MetaPathFinder):
 
         def exec_then_register(module):
             exec_module(module)
-            register_dynamo_translations()
+            try:
+                register_dynamo_translations()
+            except Exception as error:  # onnxscript internals moved: the explicit table still works
+                warnings.warn(
+                    f"seqfast: could not register the ONNX translations with onnxscript ({error!r}); "
+                    "pass custom_translation_table=seqfast.onnx.custom_translation_table to "
+                    "torch.onnx.export(dynamo=True), or use seqfast.onnx.export")
 
         spec.loader.exec_module = exec_then_register
         return spec
