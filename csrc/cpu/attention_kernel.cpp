@@ -19,6 +19,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -40,9 +42,22 @@ constexpr int64_t kKeyBlock = 32;
 // ------------------------------------------------------------------------------------------------
 // dtypes. T is the storage type of the inputs, A = at::opmath_type<T> the type of every sum and of
 // what the kernels write (AttentionParams<T, A>, as in the CUDA kernels): T = A for float32 and
-// float64; for bfloat16 and float16 the products of T values are formed and summed in float32 and the
-// softmax, lse and all running sums stay float32. T elements are widened as they are read; the rows a
-// query reads many times (its own row, its grad_context row, v) are widened once into a buffer.
+// float64; for bfloat16 and float16 the products of T values are formed and summed in float32, and
+// the softmax, lse and all running sums stay float32 (a bfloat16 product is exact in float32, so this
+// is "bfloat16 products, float32 accumulation"). The loops below compute in A only: a kernel widens
+// what it reads many times once, into per-thread buffers: the memory-side rows of the sequence at
+// hand (SequenceRows), the query's row and grad_context row, v.
+
+// One stored element as A. bfloat16 is widened by shifting its bits, which GCC vectorizes (it does
+// not see through the memcpy in c10::BFloat16's conversion operator); the rest by their own casts.
+template <typename A, typename T>
+SEQFAST_CPU_INLINE A widen(T x) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return static_cast<A>(std::bit_cast<float>(static_cast<uint32_t>(x.x) << 16));
+  } else {
+    return static_cast<A>(x);
+  }
+}
 
 // x as A values: x itself when T is A, else its conversion into buf (n elements).
 template <typename T, typename A>
@@ -51,21 +66,45 @@ SEQFAST_CPU_INLINE const A* widened(const T* __restrict x, int64_t n, A* __restr
     return x;
   } else {
 #pragma omp simd
-    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<A>(x[k]);
+    for (int64_t k = 0; k < n; ++k) buf[k] = widen<A>(x[k]);
     return buf;
   }
 }
 
+// The memory rows (and for concat the memory_proj rows) of one sequence as A values. In storage type
+// A they are the inputs themselves; otherwise they are widened when a sequence is first needed and
+// reused while the next queries belong to the same sequence: the forward's chunks hold consecutive
+// queries and the backward walks one sequence at a time, so each row is widened about once per chunk,
+// not once per (query, key) pair.
+template <typename T, typename A, ScoreKind Kind>
+struct SequenceRows {
+  const A* memory = nullptr;       // (L, Dm)
+  const A* memory_proj = nullptr;  // (L, width), concat only
+  int64_t sequence = -1;
+  std::vector<A> memory_buffer, memory_proj_buffer;
+
+  SEQFAST_CPU_INLINE void load(const AttentionParams<T, A>& p, int64_t b, int64_t start, int64_t L) {
+    if (b == sequence) return;
+    sequence = b;
+    if (memory_buffer.size() < static_cast<size_t>(L * p.Dm)) memory_buffer.resize(L * p.Dm);
+    memory = widened(p.memory + start * p.Dm, L * p.Dm, memory_buffer.data());
+    if constexpr (Kind == ScoreKind::Additive) {
+      const int64_t width = p.query_width;
+      if (memory_proj_buffer.size() < static_cast<size_t>(L * width)) memory_proj_buffer.resize(L * width);
+      memory_proj = widened(p.memory_proj + start * width, L * width, memory_proj_buffer.data());
+    }
+  }
+};
+
 // ------------------------------------------------------------------------------------------------
 // Vector helpers. `omp simd reduction` lets the compiler reassociate the sum (we build without
 // -ffast-math), which is what makes the reductions vectorize. dot and dot_rows are in dot_rows.h.
-// Accumulators and coefficients are A; x / rows may be stored in the narrower T.
 
 // y += alpha * x
-template <typename A, typename T>
-SEQFAST_CPU_INLINE void axpy(A alpha, const T* __restrict x, A* __restrict y, int64_t n) {
+template <typename A>
+SEQFAST_CPU_INLINE void axpy(A alpha, const A* __restrict x, A* __restrict y, int64_t n) {
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) y[k] += alpha * static_cast<A>(x[k]);
+  for (int64_t k = 0; k < n; ++k) y[k] += alpha * x[k];
 }
 
 template <typename A>
@@ -78,21 +117,20 @@ SEQFAST_CPU_INLINE void scale_in_place(A alpha, A* __restrict y, int64_t n) {
 // the FMA latency that a single dot product is bound by, and x is loaded once for 4 rows.
 
 // outx[j] = x . rows[j] and outy[j] = y . rows[j] in one pass over the rows.
-template <typename A, typename T>
-SEQFAST_CPU_INLINE void dot2_rows(const A* __restrict x, const A* __restrict y, const T* __restrict rows,
+template <typename A>
+SEQFAST_CPU_INLINE void dot2_rows(const A* __restrict x, const A* __restrict y, const A* __restrict rows,
                                   int64_t n, int64_t D, A* __restrict outx, A* __restrict outy) {
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    const T* __restrict r0 = rows + j * D;
-    const T* __restrict r1 = r0 + D;
-    const T* __restrict r2 = r1 + D;
-    const T* __restrict r3 = r2 + D;
+    const A* __restrict r0 = rows + j * D;
+    const A* __restrict r1 = r0 + D;
+    const A* __restrict r2 = r1 + D;
+    const A* __restrict r3 = r2 + D;
     A a0 = A(0), a1 = A(0), a2 = A(0), a3 = A(0), b0 = A(0), b1 = A(0), b2 = A(0), b3 = A(0);
 #pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
     for (int64_t k = 0; k < D; ++k) {
       const A xk = x[k], yk = y[k];
-      const A v0 = static_cast<A>(r0[k]), v1 = static_cast<A>(r1[k]);
-      const A v2 = static_cast<A>(r2[k]), v3 = static_cast<A>(r3[k]);
+      const A v0 = r0[k], v1 = r1[k], v2 = r2[k], v3 = r3[k];
       a0 += xk * v0;
       a1 += xk * v1;
       a2 += xk * v2;
@@ -118,41 +156,36 @@ SEQFAST_CPU_INLINE void dot2_rows(const A* __restrict x, const A* __restrict y, 
 }
 
 // acc += sum_j w[j] rows[j], rows j < n of a row-major (n, D) block.
-template <typename A, typename T>
+template <typename A>
 SEQFAST_CPU_INLINE void add_weighted_rows(A* __restrict acc, const A* __restrict w,
-                                          const T* __restrict rows, int64_t n, int64_t D) {
+                                          const A* __restrict rows, int64_t n, int64_t D) {
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    const T* __restrict r0 = rows + j * D;
-    const T* __restrict r1 = r0 + D;
-    const T* __restrict r2 = r1 + D;
-    const T* __restrict r3 = r2 + D;
+    const A* __restrict r0 = rows + j * D;
+    const A* __restrict r1 = r0 + D;
+    const A* __restrict r2 = r1 + D;
+    const A* __restrict r3 = r2 + D;
     const A w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];
 #pragma omp simd
-    for (int64_t k = 0; k < D; ++k) {
-      acc[k] += (w0 * static_cast<A>(r0[k]) + w1 * static_cast<A>(r1[k])) +
-                (w2 * static_cast<A>(r2[k]) + w3 * static_cast<A>(r3[k]));
-    }
+    for (int64_t k = 0; k < D; ++k) acc[k] += (w0 * r0[k] + w1 * r1[k]) + (w2 * r2[k] + w3 * r3[k]);
   }
   for (; j < n; ++j) axpy(w[j], rows + j * D, acc, D);
 }
 
 // ------------------------------------------------------------------------------------------------
-// Additive score of query row q (widened) against memory row `row`: sum_a v_a tanh(qp_a + mp_a).
-// t: where to keep the row's tanh values (the backward), or nullptr.
-template <typename T, typename A>
-SEQFAST_CPU_INLINE A additive_score(const AttentionParams<T, A>& p, const A* __restrict q,
-                                    const A* __restrict v, int64_t row, A* __restrict t) {
-  const int64_t width = p.query_width;
-  const T* __restrict mp = p.memory_proj + row * width;
+// Additive score of a query row against one memory_proj row: sum_a v_a tanh(qp_a + mp_a).
+// t: where to keep the tanh values (the backward), or nullptr.
+template <typename A>
+SEQFAST_CPU_INLINE A additive_score(const A* __restrict q, const A* __restrict mp, const A* __restrict v,
+                                    int64_t width, A* __restrict t) {
   A s = A(0);
   if (t == nullptr) {
 #pragma omp simd reduction(+ : s)
-    for (int64_t a = 0; a < width; ++a) s += v[a] * additive_tanh(q[a], static_cast<A>(mp[a]));
+    for (int64_t a = 0; a < width; ++a) s += v[a] * additive_tanh(q[a], mp[a]);
   } else {
 #pragma omp simd reduction(+ : s)
     for (int64_t a = 0; a < width; ++a) {
-      const A th = additive_tanh(q[a], static_cast<A>(mp[a]));
+      const A th = additive_tanh(q[a], mp[a]);
       t[a] = th;
       s += v[a] * th;
     }
@@ -160,20 +193,23 @@ SEQFAST_CPU_INLINE A additive_score(const AttentionParams<T, A>& p, const A* __r
   return s;
 }
 
-// Scores of query row i against keys [j0, j0 + n) of its sequence (memory rows from `row`) into s.
-// q: the widened query-side row (unused by location, whose scores are the row itself).
+// Scores of query row i against keys [j0, j0 + n) of its sequence into s. q: the widened query-side
+// row (unused by location, whose scores are the row itself); rows: the sequence's widened rows.
 template <typename T, typename A, ScoreKind Kind>
 SEQFAST_CPU_INLINE void block_scores(const AttentionParams<T, A>& p, int64_t i, const A* __restrict q,
-                                     const A* __restrict v, int64_t row, int64_t j0, int64_t n,
-                                     A* __restrict s) {
+                                     const A* __restrict v, const SequenceRows<T, A, Kind>& rows,
+                                     int64_t j0, int64_t n, A* __restrict s) {
   if constexpr (Kind == ScoreKind::Dot) {
-    dot_rows(q, p.memory + row * p.Dm, n, p.Dm, s);
+    dot_rows(q, rows.memory + j0 * p.Dm, n, p.Dm, s);
     for (int64_t jj = 0; jj < n; ++jj) s[jj] *= p.scale;
   } else if constexpr (Kind == ScoreKind::Additive) {
-    for (int64_t jj = 0; jj < n; ++jj) s[jj] = additive_score<T, A>(p, q, v, row + jj, nullptr);
+    const int64_t width = p.query_width;
+    for (int64_t jj = 0; jj < n; ++jj) {
+      s[jj] = additive_score<A>(q, rows.memory_proj + (j0 + jj) * width, v, width, nullptr);
+    }
   } else {
     const T* __restrict scores = p.query + i * p.query_width + j0;
-    for (int64_t jj = 0; jj < n; ++jj) s[jj] = static_cast<A>(scores[jj]);
+    for (int64_t jj = 0; jj < n; ++jj) s[jj] = widen<A>(scores[jj]);
   }
 }
 
@@ -187,24 +223,27 @@ SEQFAST_CPU_MULTIVERSION void forward_queries(const AttentionParams<T, A>& p, in
   std::vector<A> v_buffer(Kind == ScoreKind::Additive ? width : 0);
   A* __restrict acc = acc_buffer.data();
   const A* v = Kind == ScoreKind::Additive ? widened(p.v, width, v_buffer.data()) : nullptr;
+  SequenceRows<T, A, Kind> rows;
   A s_block[kKeyBlock], e_block[kKeyBlock];
   for (int64_t i = i0; i < i1; ++i) {
     int64_t start, L;
-    p.keys(p.seq_of_query[i], start, L);
+    const int64_t b = p.seq_of_query[i];
+    p.keys(b, start, L);
+    rows.load(p, b, start, L);
     const A* q = widen_query ? widened(p.query + i * width, width, query_buffer.data()) : nullptr;
     A* w = NeedWeights ? p.weights + i * W : nullptr;
     std::fill(acc, acc + Dm, A(0));
     OnlineSoftmax<A> softmax;
     for (int64_t j0 = 0; j0 < L; j0 += kKeyBlock) {
       const int64_t n = std::min(kKeyBlock, L - j0);
-      block_scores<T, A, Kind>(p, i, q, v, start + j0, j0, n, s_block);
+      block_scores<T, A, Kind>(p, i, q, v, rows, j0, n, s_block);
       A block_max = -std::numeric_limits<A>::infinity();
       for (int64_t jj = 0; jj < n; ++jj) block_max = s_block[jj] > block_max ? s_block[jj] : block_max;
       const A factor = softmax.rescale(block_max);
       if (factor != A(1)) scale_in_place(factor, acc, Dm);
       if (NeedWeights) std::copy(s_block, s_block + n, w + j0);
       for (int64_t jj = 0; jj < n; ++jj) e_block[jj] = softmax.add(s_block[jj]);
-      add_weighted_rows(acc, e_block, p.memory + (start + j0) * Dm, n, Dm);
+      add_weighted_rows(acc, e_block, rows.memory + j0 * Dm, n, Dm);
     }
     A* __restrict out = p.context + i * Dm;
     const A inv = L > 0 ? A(1) / softmax.sum : A(0);
@@ -228,6 +267,7 @@ SEQFAST_CPU_MULTIVERSION void backward_sequences(const AttentionParams<T, A>& p,
   std::vector<A> v_buffer(Kind == ScoreKind::Additive ? width : 0);
   std::vector<A> tanh_rows(Kind == ScoreKind::Additive ? W * width : 0);
   const A* v = Kind == ScoreKind::Additive ? widened(p.v, width, v_buffer.data()) : nullptr;
+  SequenceRows<T, A, Kind> rows;
   for (int64_t b = b0; b < b1; ++b) {
     int64_t start, L;
     p.keys(b, start, L);
@@ -242,8 +282,9 @@ SEQFAST_CPU_MULTIVERSION void backward_sequences(const AttentionParams<T, A>& p,
       std::fill(p.grad_memory_proj + k0 * width, p.grad_memory_proj + k1 * width, A(0));
       std::fill(p.grad_v + b * width, p.grad_v + (b + 1) * width, A(0));
     }
-    if (L == 0) continue;  // zero context whatever the query: all gradients stay 0
-    const T* key_rows = p.memory + start * Dm;
+    if (L == 0 || q1 == q0) continue;  // zero context whatever the query, or no query: gradients stay 0
+    rows.load(p, b, start, L);
+    const A* key_rows = rows.memory;
     for (int64_t i = q0; i < q1; ++i) {
       const A* __restrict q = widen_query ? widened(p.query + i * width, width, query_buffer.data())
                                           : nullptr;
@@ -258,16 +299,16 @@ SEQFAST_CPU_MULTIVERSION void backward_sequences(const AttentionParams<T, A>& p,
         dot_rows(go, key_rows, L, Dm, ds.data());
         if constexpr (Kind == ScoreKind::Additive) {
           for (int64_t j = 0; j < L; ++j) {
-            prob[j] = additive_score(p, q, v, start + j, tanh_rows.data() + j * width);
+            prob[j] = additive_score<A>(q, rows.memory_proj + j * width, v, width, tanh_rows.data() + j * width);
           }
         } else {
-          block_scores<T, A, Kind>(p, i, q, v, start, 0, L, prob.data());
+          block_scores<T, A, Kind>(p, i, q, v, rows, 0, L, prob.data());
         }
       }
       A D = A(0);
       for (int64_t j = 0; j < L; ++j) {
         prob[j] = math::exp(prob[j] - lse);
-        if (gw != nullptr) ds[j] += static_cast<A>(gw[j]);
+        if (gw != nullptr) ds[j] += widen<A>(gw[j]);
         D += prob[j] * ds[j];
       }
       for (int64_t j = 0; j < L; ++j) ds[j] = softmax_backward(prob[j], ds[j], D);
