@@ -405,23 +405,14 @@ void check_cpu_float(const Tensor& t, const char* op) {
               st);
 }
 
-// An uninitialized tensor in the kernels' result type A.
-template <typename A>
-Tensor acc_empty(at::IntArrayRef sizes, const Tensor& like) {
-  return at::empty(sizes, like.options().dtype(c10::CppTypeToScalarType<A>::value));
-}
+using attention::acc_empty;
 
-// Allocates the forward outputs in A and points p at them; returns them converted to the memory's
-// dtype, but lse, which stays in A (float32 for the half types, like the CUDA kernels' lse).
+// Runs the forward into results in A; returns them converted to the memory's dtype, but lse, which
+// stays in A (float32 for the half types, like the CUDA kernels' lse).
 template <typename T, typename A, ScoreKind Kind>
 std::tuple<Tensor, Tensor, Tensor> forward(AttentionParams<T, A>& p, const Layout& l, const Tensor& memory,
                                            int64_t width, bool need_weights) {
-  Tensor context = acc_empty<A>({l.Nq, memory.size(1)}, memory);
-  Tensor lse = acc_empty<A>({l.Nq}, memory);
-  Tensor weights = need_weights ? acc_empty<A>({l.Nq, l.max_seqlen_k}, memory) : at::empty({0}, memory.options());
-  p.context = context.data_ptr<A>();
-  p.lse = lse.data_ptr<A>();
-  p.weights = need_weights ? weights.data_ptr<A>() : nullptr;
+  auto [context, lse, weights] = attention::forward_results(p, l, memory, need_weights);
   run_forward<T, A, Kind>(p, l, width, need_weights);
   const auto st = memory.scalar_type();
   return {context.to(st), lse, weights.to(st)};
