@@ -86,11 +86,15 @@ struct SequenceRows {
   SEQFAST_CPU_INLINE void load(const AttentionParams<T, A>& p, int64_t b, int64_t start, int64_t L) {
     if (b == sequence) return;
     sequence = b;
-    if (memory_buffer.size() < static_cast<size_t>(L * p.Dm)) memory_buffer.resize(L * p.Dm);
+    const int64_t width = p.query_width;
+    if constexpr (!std::is_same_v<T, A>) {
+      if (memory_buffer.size() < static_cast<size_t>(L * p.Dm)) memory_buffer.resize(L * p.Dm);
+      if (Kind == ScoreKind::Additive && memory_proj_buffer.size() < static_cast<size_t>(L * width)) {
+        memory_proj_buffer.resize(L * width);
+      }
+    }
     memory = widened(p.memory + start * p.Dm, L * p.Dm, memory_buffer.data());
     if constexpr (Kind == ScoreKind::Additive) {
-      const int64_t width = p.query_width;
-      if (memory_proj_buffer.size() < static_cast<size_t>(L * width)) memory_proj_buffer.resize(L * width);
       memory_proj = widened(p.memory_proj + start * width, L * width, memory_proj_buffer.data());
     }
   }
@@ -101,14 +105,14 @@ struct SequenceRows {
 // -ffast-math), which is what makes the reductions vectorize. dot and dot_rows are in dot_rows.h.
 
 // y += alpha * x
-template <typename A>
-SEQFAST_CPU_INLINE void axpy(A alpha, const A* __restrict x, A* __restrict y, int64_t n) {
+template <typename T>
+SEQFAST_CPU_INLINE void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) y[k] += alpha * x[k];
 }
 
-template <typename A>
-SEQFAST_CPU_INLINE void scale_in_place(A alpha, A* __restrict y, int64_t n) {
+template <typename T>
+SEQFAST_CPU_INLINE void scale_in_place(T alpha, T* __restrict y, int64_t n) {
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) y[k] *= alpha;
 }
@@ -117,20 +121,20 @@ SEQFAST_CPU_INLINE void scale_in_place(A alpha, A* __restrict y, int64_t n) {
 // the FMA latency that a single dot product is bound by, and x is loaded once for 4 rows.
 
 // outx[j] = x . rows[j] and outy[j] = y . rows[j] in one pass over the rows.
-template <typename A>
-SEQFAST_CPU_INLINE void dot2_rows(const A* __restrict x, const A* __restrict y, const A* __restrict rows,
-                                  int64_t n, int64_t D, A* __restrict outx, A* __restrict outy) {
+template <typename T>
+SEQFAST_CPU_INLINE void dot2_rows(const T* __restrict x, const T* __restrict y, const T* __restrict rows,
+                                  int64_t n, int64_t D, T* __restrict outx, T* __restrict outy) {
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    const A* __restrict r0 = rows + j * D;
-    const A* __restrict r1 = r0 + D;
-    const A* __restrict r2 = r1 + D;
-    const A* __restrict r3 = r2 + D;
-    A a0 = A(0), a1 = A(0), a2 = A(0), a3 = A(0), b0 = A(0), b1 = A(0), b2 = A(0), b3 = A(0);
+    const T* __restrict r0 = rows + j * D;
+    const T* __restrict r1 = r0 + D;
+    const T* __restrict r2 = r1 + D;
+    const T* __restrict r3 = r2 + D;
+    T a0 = T(0), a1 = T(0), a2 = T(0), a3 = T(0), b0 = T(0), b1 = T(0), b2 = T(0), b3 = T(0);
 #pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
     for (int64_t k = 0; k < D; ++k) {
-      const A xk = x[k], yk = y[k];
-      const A v0 = r0[k], v1 = r1[k], v2 = r2[k], v3 = r3[k];
+      const T xk = x[k], yk = y[k];
+      const T v0 = r0[k], v1 = r1[k], v2 = r2[k], v3 = r3[k];
       a0 += xk * v0;
       a1 += xk * v1;
       a2 += xk * v2;
@@ -156,16 +160,16 @@ SEQFAST_CPU_INLINE void dot2_rows(const A* __restrict x, const A* __restrict y, 
 }
 
 // acc += sum_j w[j] rows[j], rows j < n of a row-major (n, D) block.
-template <typename A>
-SEQFAST_CPU_INLINE void add_weighted_rows(A* __restrict acc, const A* __restrict w,
-                                          const A* __restrict rows, int64_t n, int64_t D) {
+template <typename T>
+SEQFAST_CPU_INLINE void add_weighted_rows(T* __restrict acc, const T* __restrict w,
+                                          const T* __restrict rows, int64_t n, int64_t D) {
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    const A* __restrict r0 = rows + j * D;
-    const A* __restrict r1 = r0 + D;
-    const A* __restrict r2 = r1 + D;
-    const A* __restrict r3 = r2 + D;
-    const A w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];
+    const T* __restrict r0 = rows + j * D;
+    const T* __restrict r1 = r0 + D;
+    const T* __restrict r2 = r1 + D;
+    const T* __restrict r3 = r2 + D;
+    const T w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];
 #pragma omp simd
     for (int64_t k = 0; k < D; ++k) acc[k] += (w0 * r0[k] + w1 * r1[k]) + (w2 * r2[k] + w3 * r3[k]);
   }
