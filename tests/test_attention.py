@@ -131,12 +131,12 @@ def test_gradcheck_float64(score):
     assert torch.autograd.gradcheck(f, (q, m, *ref_params(mod).values()))
 
 
-def _op_samples():
+def _op_samples(dtype=torch.float64):
     """(op overload, args) for every forward and backward op, with and without weights."""
     g = torch.Generator().manual_seed(7)
 
     def r(*s, grad=False):
-        return torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(grad)
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
 
     cu_q = torch.tensor([0, 2, 3, 6], dtype=torch.int32)
     cu_k = torch.tensor([0, 4, 8, 12], dtype=torch.int32)

@@ -20,8 +20,11 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import seqfast
 import seqfast.nn
 from seqfast import reference
+from test_attention import _op_samples  # tests/ is on sys.path (pytest's rootdir-relative import)
 
 SCORES = ("dot", "scaled_dot", "general", "concat", "location")
+FORWARD_OPS = (torch.ops.seqfast.attention_forward.default, torch.ops.seqfast.additive_attention_forward.default,
+               torch.ops.seqfast.location_attention_forward.default)
 QUERY_FORMS = ("step", "all_steps", "packed")
 MEMORY_FORMS = ("padded", "packed")
 # autocast_bf16 / autocast_fp16: float32 module and inputs under torch.autocast("cpu", dtype);
@@ -171,24 +174,9 @@ def test_error_at_most_twice_the_reference(score, query_form, memory_form, preci
 
 # -------------------------------------------------------------------------------------------------
 def _forward_samples(dtype=torch.float32):
-    """(forward op, args, indices of the float args) with and without seqused_k."""
-    g = torch.Generator().manual_seed(7)
-
-    def r(*s):
-        return torch.randn(*s, generator=g).to(dtype)
-
-    cu_q = torch.tensor([0, 2, 3, 6], dtype=torch.int32)
-    cu_k = torch.tensor([0, 4, 8, 12], dtype=torch.int32)
-    used = torch.tensor([4, 0, 2], dtype=torch.int32)
-    Nq, Nk, D, Aa, L, W = 6, 12, 5, 3, 6, 4
-    ops = torch.ops.seqfast
-    samples = []
-    for seqused in (used, None):
-        samples.append((ops.attention_forward.default, [r(Nq, D), r(Nk, D), cu_q, cu_k, seqused, W, 0.5, True]))
-        samples.append((ops.additive_attention_forward.default,
-                        [r(Nq, Aa), r(Nk, Aa), r(Nk, D), r(Aa), cu_q, cu_k, seqused, W, True]))
-        samples.append((ops.location_attention_forward.default, [r(Nq, L), r(Nk, D), cu_q, cu_k, seqused, W, True]))
-    return samples
+    """(forward op, args) of test_attention's op samples in `dtype`, as plain (no grad) inputs."""
+    return [(op, [a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+            for op, args in _op_samples(dtype) if op in FORWARD_OPS]
 
 
 def _is_float(a):
@@ -196,7 +184,7 @@ def _is_float(a):
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
-@pytest.mark.parametrize("sample", range(6))
+@pytest.mark.parametrize("sample", range(len(_forward_samples())))
 def test_forward_ops_follow_autocasts_lower_precision_policy(sample, dtype):
     """Under autocast, float32 inputs are cast to the autocast dtype and the op runs on them: the same
     bits as calling it on the cast inputs outside autocast; lse stays float32; float64 is left alone."""
@@ -216,12 +204,11 @@ def test_forward_ops_follow_autocasts_lower_precision_policy(sample, dtype):
         assert torch.equal(got, w)
 
 
-@pytest.mark.parametrize("sample", range(6))
+@pytest.mark.parametrize("sample", range(len(_op_samples())))
 def test_opcheck_bfloat16(sample):
-    """Schema, fake (lse in float32 for bfloat16 memory), autograd registration and AOT dispatch of the
-    forward ops in bfloat16, and through their autograd formulas the backward ops."""
-    op, args = _forward_samples(torch.bfloat16)[sample]
-    args = [a.requires_grad_(True) if _is_float(a) else a for a in args]
+    """Schema, fake (lse in float32 for bfloat16 memory), autograd registration and AOT dispatch of
+    every op in bfloat16."""
+    op, args = _op_samples(torch.bfloat16)[sample]
     torch.library.opcheck(op, args)
 
 
@@ -230,11 +217,11 @@ def test_backward_ops_in_bfloat16_match_float32_math():
     kernels run on the same (widened) values to float32 rounding, before the final bfloat16 rounding."""
     for op, args in _forward_samples(torch.bfloat16):
         leaves = [a.requires_grad_(True) if _is_float(a) else a for a in args]
-        context, _, weights = op(*leaves)
+        context, _, weights = op(*leaves[:-1], True)
         gc, gw = torch.randn_like(context), torch.randn_like(weights)
         grads = torch.autograd.grad((context * gc).sum() + (weights * gw).sum(), [a for a in leaves if _is_float(a)])
         leaves32 = [a.detach().float().requires_grad_(True) if _is_float(a) else a for a in args]
-        c32, _, w32 = op(*leaves32)
+        c32, _, w32 = op(*leaves32[:-1], True)
         grads32 = torch.autograd.grad((c32 * gc.float()).sum() + (w32 * gw.float()).sum(),
                                       [a for a in leaves32 if _is_float(a)])
         torch.testing.assert_close(context, c32.bfloat16(), atol=0, rtol=0)
