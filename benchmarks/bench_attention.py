@@ -1,6 +1,6 @@
 """seqfast.nn.Attention vs the padded reference and SDPA: the CLI of seqfast/attention_benchmark.py.
 
-    python benchmarks/bench_attention.py [--quick] [--scores dot,concat] [--no-memory] [--out PATH]
+    python benchmarks/bench_attention.py [--quick] [--scores dot,concat] [--no-memory] [--bf16] [--out PATH]
 """
 import os
 import sys

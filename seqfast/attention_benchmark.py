@@ -1,7 +1,7 @@
 """seqfast.nn.Attention vs the plain padded reference (seqfast/reference.py) and, for dot/scaled_dot,
 torch's F.scaled_dot_product_attention with a boolean mask.
 
-    python benchmarks/bench_attention.py [--quick] [--scores dot,concat] [--no-memory]
+    python benchmarks/bench_attention.py [--quick] [--scores dot,concat] [--no-memory] [--bf16]
     python -m seqfast.attention_benchmark ...   (the same; `python -m seqfast.bench` runs it too)
 
 Shapes (the issue's): B=64, Dq=Dm=A=256, memory lengths ~ U[10, 50] (padded Tk=50), either
@@ -9,6 +9,10 @@ Tq=50 (all decoder steps at once, "seq2seq") or Tq=1 (one decoder step, "decode"
 Modes: "fwd" (under no_grad) and "fwd+bwd" (gradients of query, memory and every parameter).
 seqfast runs with need_weights=False (the weights are an optional output there); the reference and
 SDPA compute the full score matrix regardless.
+--bf16: every call runs under torch.autocast("cpu", dtype=torch.bfloat16) (float32 modules and inputs,
+float32 master weights in training); the impls are seqfast, the reference (both under autocast), and
+"seqfast_fp32", seqfast without autocast, for the bf16-vs-float32 ratio. Writes
+bench_attention_bf16.json.
 
 Time: median of interleaved samples after warm-up, in this process, same inputs for every impl
 (seqfast.benchmarking.time_interleaved, shared with the recurrent benchmark).
@@ -40,13 +44,16 @@ from seqfast import reference
 from seqfast.benchmarking import time_interleaved
 
 DEFAULT_OUT = os.path.join("benchmarks", "results", "bench_attention.json")
+DEFAULT_OUT_BF16 = os.path.join("benchmarks", "results", "bench_attention_bf16.json")
 
 SCORES = ("dot", "scaled_dot", "general", "concat", "location")
 CONFIGS = {"seq2seq": dict(B=64, Tq=50, Tk=50, D=256), "decode": dict(B=64, Tq=1, Tk=50, D=256)}
 MODES = ("fwd", "fwd+bwd")
 
 
-def impls_for(score):
+def impls_for(score, dtype="float32"):
+    if dtype == "bf16":
+        return ("seqfast", "reference", "seqfast_fp32")
     return ("seqfast", "reference", "sdpa") if score in ("dot", "scaled_dot") else ("seqfast", "reference")
 
 
@@ -65,11 +72,13 @@ def make_inputs(score, cfg, seed=0, device="cpu"):
     return mod, q.to(device), m.to(device), lengths
 
 
-def make_call(impl, score, mod, q, m, lengths, mode):
-    """A zero-argument callable running one forward (and backward) of `impl`."""
+def make_call(impl, score, mod, q, m, lengths, mode, dtype="float32"):
+    """A zero-argument callable running one forward (and backward) of `impl`; dtype "bf16": the
+    forward under torch.autocast("cpu", dtype=torch.bfloat16), except for impl "seqfast_fp32"."""
     params = {n: p for n, p in mod.named_parameters()}
     Tk, D = m.shape[1], m.shape[2]
-    if impl == "seqfast":
+    autocast = dtype == "bf16" and impl != "seqfast_fp32"
+    if impl in ("seqfast", "seqfast_fp32"):
         def fwd(q, m):
             return mod(q, m, lengths, need_weights=False)[0]
     elif impl == "reference":
@@ -86,7 +95,7 @@ def make_call(impl, score, mod, q, m, lengths, mode):
 
     if mode == "fwd":
         def call():
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 return fwd(q, m)
         return call
     leaves = [q.clone().requires_grad_(True), m.clone().requires_grad_(True)]
@@ -94,18 +103,20 @@ def make_call(impl, score, mod, q, m, lengths, mode):
     wrt = leaves + list(params.values())
 
     def call():
-        out = fwd(*leaves)
-        return torch.autograd.grad(out, wrt, grad_out)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fwd(*leaves)
+        return torch.autograd.grad(out, wrt, grad_out.to(out.dtype))
     return call
 
 
-def check_agreement(score, mod, q, m, lengths):
-    """max |seqfast - reference| of the context and of every gradient (fwd+bwd)."""
-    a = make_call("seqfast", score, mod, q, m, lengths, "fwd+bwd")()
-    b = make_call("reference", score, mod, q, m, lengths, "fwd+bwd")()
-    c1 = make_call("seqfast", score, mod, q, m, lengths, "fwd")()
-    c2 = make_call("reference", score, mod, q, m, lengths, "fwd")()
-    return max([(c1 - c2).abs().max().item()] + [(x - y).abs().max().item() for x, y in zip(a, b)])
+def check_agreement(score, mod, q, m, lengths, dtype="float32"):
+    """max |seqfast - reference| of the context and of every gradient (fwd+bwd), both in `dtype`."""
+    a = make_call("seqfast", score, mod, q, m, lengths, "fwd+bwd", dtype)()
+    b = make_call("reference", score, mod, q, m, lengths, "fwd+bwd", dtype)()
+    c1 = make_call("seqfast", score, mod, q, m, lengths, "fwd", dtype)()
+    c2 = make_call("reference", score, mod, q, m, lengths, "fwd", dtype)()
+    return max([(c1.float() - c2.float()).abs().max().item()] +
+               [(x.float() - y.float()).abs().max().item() for x, y in zip(a, b)])
 
 
 # ----------------------------------------------------------------------------------------- memory
@@ -124,9 +135,10 @@ def probe(spec):
     RSS, so the imports' own peak does not mask the call's; peak = VmHWM after the call - VmRSS before.
     """
     score, impl, config, mode = spec["score"], spec["impl"], spec["config"], spec["mode"]
+    dtype = spec.get("dtype", "float32")
     tiny = dict(B=2, Tq=min(2, CONFIGS[config]["Tq"]), Tk=12, D=8)
-    make_call(impl, score, *make_inputs(score, tiny), mode)()  # load libraries, start thread pools
-    call = make_call(impl, score, *make_inputs(score, CONFIGS[config]), mode)
+    make_call(impl, score, *make_inputs(score, tiny), mode, dtype)()  # load libraries, start thread pools
+    call = make_call(impl, score, *make_inputs(score, CONFIGS[config]), mode, dtype)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -137,8 +149,8 @@ def probe(spec):
     print(json.dumps({"peak_bytes": (peak - before) * 1024}))
 
 
-def peak_memory(score, impl, config, mode):
-    spec = json.dumps(dict(score=score, impl=impl, config=config, mode=mode))
+def peak_memory(score, impl, config, mode, dtype="float32"):
+    spec = json.dumps(dict(score=score, impl=impl, config=config, mode=mode, dtype=dtype))
     res = subprocess.run([sys.executable, "-m", "seqfast.attention_benchmark", "--probe", spec,
                           "--threads", str(torch.get_num_threads())],
                          capture_output=True, text=True, check=True,
@@ -147,26 +159,28 @@ def peak_memory(score, impl, config, mode):
 
 
 # ----------------------------------------------------------------------------------------- main
-def run(scores, configs, quick, memory):
+def run(scores, configs, quick, memory, dtype="float32"):
     repeats, warmup, min_sample_s, max_time_s = (5, 1, 0.01, 1.0) if quick else (15, 2, 0.05, 10.0)
     rows = []
     for config in configs:
         for score in scores:
             mod, q, m, lengths = make_inputs(score, CONFIGS[config])
-            diff = check_agreement(score, mod, q, m, lengths)
+            diff = check_agreement(score, mod, q, m, lengths, dtype)
             for mode in MODES:
-                impls = impls_for(score)
-                calls = [make_call(i, score, mod, q, m, lengths, mode) for i in impls]
+                impls = impls_for(score, dtype)
+                calls = [make_call(i, score, mod, q, m, lengths, mode, dtype) for i in impls]
                 samples, inner = time_interleaved(calls, repeats, warmup, min_sample_s, max_time_s)
                 med = {i: statistics.median(s) for i, s in zip(impls, samples)}
-                row = {"config": config, **CONFIGS[config], "score": score, "mode": mode,
+                row = {"config": config, **CONFIGS[config], "score": score, "mode": mode, "dtype": dtype,
                        "time_s": med, "repeats": len(samples[0]), "calls_per_sample": inner,
                        "speedup_vs_reference": med["reference"] / med["seqfast"],
                        "max_abs_diff_vs_reference": diff}
                 if "sdpa" in med:
                     row["speedup_vs_sdpa"] = med["sdpa"] / med["seqfast"]
+                if "seqfast_fp32" in med:
+                    row["speedup_vs_seqfast_fp32"] = med["seqfast_fp32"] / med["seqfast"]
                 if memory:
-                    peak = {i: peak_memory(score, i, config, mode) for i in impls}
+                    peak = {i: peak_memory(score, i, config, mode, dtype) for i in impls}
                     row["peak_bytes"] = peak
                     row["memory_ratio_vs_reference"] = peak["reference"] / max(peak["seqfast"], 1)
                 rows.append(row)
@@ -185,6 +199,8 @@ def describe(row):
 
 
 def markdown_table(rows):
+    if rows and rows[0].get("dtype") == "bf16":
+        return markdown_table_bf16(rows)
     lines = ["| config | score | mode | seqfast ms | reference ms | SDPA ms | speedup vs ref | speedup vs SDPA "
              "| seqfast peak MiB | reference peak MiB | SDPA peak MiB | memory ratio | max abs diff |",
              "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
@@ -209,6 +225,21 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+def markdown_table_bf16(rows):
+    """The --bf16 rows: seqfast and the reference under autocast, and seqfast in float32."""
+    lines = ["| config | score | mode | seqfast bf16 ms | reference bf16 ms | seqfast fp32 ms | speedup vs ref "
+             "| bf16 vs fp32 | seqfast peak MiB | reference peak MiB | max abs diff |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        t, peak = r["time_s"], r.get("peak_bytes", {})
+        mib = [f"{peak[i] / 2**20:.1f}" if i in peak else "-" for i in ("seqfast", "reference")]
+        lines.append(f"| {r['config']} (Tq={r['Tq']}) | {r['score']} | {r['mode']} | {t['seqfast'] * 1e3:.3f} | "
+                     f"{t['reference'] * 1e3:.3f} | {t['seqfast_fp32'] * 1e3:.3f} | "
+                     f"{r['speedup_vs_reference']:.2f}x | {r['speedup_vs_seqfast_fp32']:.2f}x | {mib[0]} | {mib[1]} | "
+                     f"{r['max_abs_diff_vs_reference']:.1e} |")
+    return "\n".join(lines)
+
+
 def meta():
     cpu = platform.processor()
     try:
@@ -220,7 +251,7 @@ def meta():
             "torch_threads": torch.get_num_threads(), "seqfast_path": os.path.dirname(seqfast.__file__),
             "python": platform.python_version(), "platform": platform.platform(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "seqfast_need_weights": False, "dtype": "float32"}
+            "seqfast_need_weights": False}
 
 
 def main(argv=None):
@@ -229,7 +260,9 @@ def main(argv=None):
     ap.add_argument("--scores", default=",".join(SCORES))
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--bf16", action="store_true",
+                    help="under torch.autocast('cpu', dtype=torch.bfloat16); adds seqfast in float32")
+    ap.add_argument("--out", default=None, help=f"default {DEFAULT_OUT} ({DEFAULT_OUT_BF16} with --bf16)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (also for the memory subprocesses); default: torch's")
     ap.add_argument("--probe", help=argparse.SUPPRESS)
@@ -239,13 +272,15 @@ def main(argv=None):
     if args.probe:
         probe(json.loads(args.probe))
         return
-    rows = run(args.scores.split(","), args.configs.split(","), args.quick, not args.no_memory)
+    dtype = "bf16" if args.bf16 else "float32"
+    out = args.out or (DEFAULT_OUT_BF16 if args.bf16 else DEFAULT_OUT)
+    rows = run(args.scores.split(","), args.configs.split(","), args.quick, not args.no_memory, dtype)
     print(markdown_table(rows))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta(), "results": rows}, f, indent=2)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"meta": {**meta(), "dtype": dtype}, "results": rows}, f, indent=2)
         f.write("\n")
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    print(f"\nwrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,10 @@ def attention(query, memory, memory_lengths=None, score="dot", *, weight=None, w
     elif score == "general":
         s = (q @ weight) @ memory.transpose(1, 2)
     elif score == "concat":
-        mp = memory @ w_memory.t()
-        if bias is not None:
-            mp = mp + bias
-        qp = q @ w_query.t()
+        # Linear layers, as a PyTorch model writes them (nn.Linear): under autocast the bias then
+        # takes part in the lower-precision product like the weight does.
+        mp = torch.nn.functional.linear(memory, w_memory, bias)
+        qp = torch.nn.functional.linear(q, w_query)
         s = torch.tanh(qp.unsqueeze(2) + mp.unsqueeze(1)) @ v  # (B, Tq, Tk, A) @ (A,)
     elif score == "location":
         s = q @ weight.t()  # (B, Tq, L)

@@ -131,12 +131,12 @@ def test_gradcheck_float64(score):
     assert torch.autograd.gradcheck(f, (q, m, *ref_params(mod).values()))
 
 
-def _op_samples():
+def _op_samples(dtype=torch.float64):
     """(op overload, args) for every forward and backward op, with and without weights."""
     g = torch.Generator().manual_seed(7)
 
     def r(*s, grad=False):
-        return torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(grad)
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
 
     cu_q = torch.tensor([0, 2, 3, 6], dtype=torch.int32)
     cu_k = torch.tensor([0, 4, 8, 12], dtype=torch.int32)
@@ -329,7 +329,10 @@ def test_memory_length_beyond_padding_raises():
             torch.tensor([1, 9, 2, 3]))
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("autocast", (False, True), ids=("float32", "autocast_bf16"))
+def test_torch_compile_fullgraph_matches_eager(autocast):
+    """Under autocast the compiled graph runs the ops' AutocastCPU kernels on fake tensors while
+    tracing: same dtypes as eager (bfloat16 outputs, float32 gradients), values to bfloat16 accuracy."""
     mods = [make_module(s, torch.float32) for s in SCORES]
     q = randn(B, TQ, 5, dtype=torch.float32, seed=29)
     q_dot = randn(B, TQ, DM, dtype=torch.float32, seed=30)
@@ -338,18 +341,19 @@ def test_torch_compile_fullgraph_matches_eager():
 
     def all_scores(q, q_dot, m, lengths):
         outs = []
-        for mod in mods:
-            query = q_dot if mod.score in ("dot", "scaled_dot") else q
-            c, w = mod(query, m, lengths)
-            cache = mod.precompute(m, lengths)
-            c1, _ = mod.step(query[:, 0], cache, need_weights=False)
-            outs += [c, w, c1]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for mod in mods:
+                query = q_dot if mod.score in ("dot", "scaled_dot") else q
+                c, w = mod(query, m, lengths)
+                cache = mod.precompute(m, lengths)
+                c1, _ = mod.step(query[:, 0], cache, need_weights=False)
+                outs += [c, w, c1]
         return outs
 
     def fwd_bwd(fn):
         leaves = [t.clone().requires_grad_(True) for t in (q, q_dot, m)]
         outs = fn(*leaves, lengths)
-        loss = sum((o * (k + 1)).sum() for k, o in enumerate(outs))
+        loss = sum((o.float() * (k + 1)).sum() for k, o in enumerate(outs))
         params = [p for mod in mods for p in mod.parameters()]
         return outs, torch.autograd.grad(loss, leaves + params)
 
@@ -357,8 +361,12 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(all_scores, fullgraph=True)
     eager_out, eager_grads = fwd_bwd(all_scores)
     comp_out, comp_grads = fwd_bwd(compiled)
+    want = torch.bfloat16 if autocast else torch.float32
+    assert [t.dtype for t in comp_out] == [t.dtype for t in eager_out] == [want] * len(eager_out)
+    assert all(g.dtype == torch.float32 for g in comp_grads + eager_grads)
+    tol = dict(atol=5e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-4)
     for a, b in zip(eager_out + list(eager_grads), comp_out + list(comp_grads)):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b.float(), a.float(), **tol)
 
 
 def test_backward_ops_reject_malformed_saved_tensors():

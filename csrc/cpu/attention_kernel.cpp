@@ -13,11 +13,16 @@
 // from the saved log-sum-exp; the additive backward keeps that query's (L, A) tanh rows in a
 // thread-local buffer so tanh is evaluated once per pair, as in the forward.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "dot_rows.h"
@@ -33,6 +38,67 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
 constexpr int64_t kKeyBlock = 32;
+
+// ------------------------------------------------------------------------------------------------
+// dtypes. T is the storage type of the inputs, A = at::opmath_type<T> the type of every sum and of
+// what the kernels write (AttentionParams<T, A>, as in the CUDA kernels): T = A for float32 and
+// float64; for bfloat16 and float16 the products of T values are formed and summed in float32, and
+// the softmax, lse and all running sums stay float32 (a bfloat16 product is exact in float32, so this
+// is "bfloat16 products, float32 accumulation"). The loops below compute in A only: a kernel widens
+// what it reads many times once, into per-thread buffers: the memory-side rows of the sequence at
+// hand (SequenceRows), the query's row and grad_context row, v.
+
+// One stored element as A. bfloat16 is widened by shifting its bits, which GCC vectorizes (it does
+// not see through the memcpy in c10::BFloat16's conversion operator); the rest by their own casts.
+template <typename A, typename T>
+SEQFAST_CPU_INLINE A widen(T x) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return static_cast<A>(std::bit_cast<float>(static_cast<uint32_t>(x.x) << 16));
+  } else {
+    return static_cast<A>(x);
+  }
+}
+
+// x as A values: x itself when T is A, else its conversion into buf (n elements).
+template <typename T, typename A>
+SEQFAST_CPU_INLINE const A* widened(const T* __restrict x, int64_t n, A* __restrict buf) {
+  if constexpr (std::is_same_v<T, A>) {
+    return x;
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) buf[k] = widen<A>(x[k]);
+    return buf;
+  }
+}
+
+// The memory rows (and for concat the memory_proj rows) of one sequence as A values. In storage type
+// A they are the inputs themselves; otherwise they are widened when a sequence is first needed and
+// reused while the next queries belong to the same sequence: the forward's chunks hold consecutive
+// queries and the backward walks one sequence at a time, so each row is widened about once per chunk,
+// not once per (query, key) pair.
+template <typename T, typename A, ScoreKind Kind>
+struct SequenceRows {
+  const A* memory = nullptr;       // (L, Dm)
+  const A* memory_proj = nullptr;  // (L, width), concat only
+  int64_t sequence = -1;
+  std::vector<A> memory_buffer, memory_proj_buffer;
+
+  SEQFAST_CPU_INLINE void load(const AttentionParams<T, A>& p, int64_t b, int64_t start, int64_t L) {
+    if (b == sequence) return;
+    sequence = b;
+    const int64_t width = p.query_width;
+    if constexpr (!std::is_same_v<T, A>) {
+      if (memory_buffer.size() < static_cast<size_t>(L * p.Dm)) memory_buffer.resize(L * p.Dm);
+      if (Kind == ScoreKind::Additive && memory_proj_buffer.size() < static_cast<size_t>(L * width)) {
+        memory_proj_buffer.resize(L * width);
+      }
+    }
+    memory = widened(p.memory + start * p.Dm, L * p.Dm, memory_buffer.data());
+    if constexpr (Kind == ScoreKind::Additive) {
+      memory_proj = widened(p.memory_proj + start * width, L * width, memory_proj_buffer.data());
+    }
+  }
+};
 
 // ------------------------------------------------------------------------------------------------
 // Vector helpers. `omp simd reduction` lets the compiler reassociate the sum (we build without
@@ -111,76 +177,101 @@ SEQFAST_CPU_INLINE void add_weighted_rows(T* __restrict acc, const T* __restrict
 }
 
 // ------------------------------------------------------------------------------------------------
-// Score of query row q against memory row `row` (= key `j` of its sequence).
-template <typename T, ScoreKind Kind>
-SEQFAST_CPU_INLINE T score_of(const AttentionParams<T>& p, const T* __restrict q, int64_t row,
-                              int64_t j) {
-  if constexpr (Kind == ScoreKind::Dot) {
-    return p.scale * dot(q, p.memory + row * p.Dm, p.Dm);
-  } else if constexpr (Kind == ScoreKind::Additive) {
-    const int64_t A = p.query_width;
-    const T* __restrict mp = p.memory_proj + row * A;
-    const T* __restrict v = p.v;
-    T s = T(0);
+// Additive score of a query row against one memory_proj row: sum_a v_a tanh(qp_a + mp_a).
+// t: where to keep the tanh values (the backward), or nullptr.
+template <typename A>
+SEQFAST_CPU_INLINE A additive_score(const A* __restrict q, const A* __restrict mp, const A* __restrict v,
+                                    int64_t width, A* __restrict t) {
+  A s = A(0);
+  if (t == nullptr) {
 #pragma omp simd reduction(+ : s)
-    for (int64_t a = 0; a < A; ++a) s += v[a] * additive_tanh(q[a], mp[a]);
-    return s;
+    for (int64_t a = 0; a < width; ++a) s += v[a] * additive_tanh(q[a], mp[a]);
   } else {
-    return q[j];
+#pragma omp simd reduction(+ : s)
+    for (int64_t a = 0; a < width; ++a) {
+      const A th = additive_tanh(q[a], mp[a]);
+      t[a] = th;
+      s += v[a] * th;
+    }
+  }
+  return s;
+}
+
+// Scores of query row i against keys [j0, j0 + n) of its sequence into s. q: the widened query-side
+// row (unused by location, whose scores are the row itself); rows: the sequence's widened rows.
+template <typename T, typename A, ScoreKind Kind>
+SEQFAST_CPU_INLINE void block_scores(const AttentionParams<T, A>& p, int64_t i, const A* __restrict q,
+                                     const A* __restrict v, const SequenceRows<T, A, Kind>& rows,
+                                     int64_t j0, int64_t n, A* __restrict s) {
+  if constexpr (Kind == ScoreKind::Dot) {
+    dot_rows(q, rows.memory + j0 * p.Dm, n, p.Dm, s);
+    for (int64_t jj = 0; jj < n; ++jj) s[jj] *= p.scale;
+  } else if constexpr (Kind == ScoreKind::Additive) {
+    const int64_t width = p.query_width;
+    for (int64_t jj = 0; jj < n; ++jj) {
+      s[jj] = additive_score<A>(q, rows.memory_proj + (j0 + jj) * width, v, width, nullptr);
+    }
+  } else {
+    const T* __restrict scores = p.query + i * p.query_width + j0;
+    for (int64_t jj = 0; jj < n; ++jj) s[jj] = widen<A>(scores[jj]);
   }
 }
 
 // ------------------------------------------------------------------------------------------------
 // Forward of query rows [i0, i1).
-template <typename T, ScoreKind Kind, bool NeedWeights>
-SEQFAST_CPU_MULTIVERSION void forward_queries(const AttentionParams<T>& p, int64_t i0, int64_t i1) {
-  const int64_t Dm = p.Dm, W = p.max_seqlen_k;
-  std::vector<T> acc_buffer(Dm);
-  T* __restrict acc = acc_buffer.data();
-  T s_block[kKeyBlock], e_block[kKeyBlock];
+template <typename T, typename A, ScoreKind Kind, bool NeedWeights>
+SEQFAST_CPU_MULTIVERSION void forward_queries(const AttentionParams<T, A>& p, int64_t i0, int64_t i1) {
+  const int64_t Dm = p.Dm, W = p.max_seqlen_k, width = p.query_width;
+  const bool widen_query = Kind != ScoreKind::Location;
+  std::vector<A> acc_buffer(Dm), query_buffer(widen_query ? width : 0);
+  std::vector<A> v_buffer(Kind == ScoreKind::Additive ? width : 0);
+  A* __restrict acc = acc_buffer.data();
+  const A* v = Kind == ScoreKind::Additive ? widened(p.v, width, v_buffer.data()) : nullptr;
+  SequenceRows<T, A, Kind> rows;
+  A s_block[kKeyBlock], e_block[kKeyBlock];
   for (int64_t i = i0; i < i1; ++i) {
     int64_t start, L;
-    p.keys(p.seq_of_query[i], start, L);
-    const T* q = p.query + i * p.query_width;
-    T* w = NeedWeights ? p.weights + i * W : nullptr;
-    std::fill(acc, acc + Dm, T(0));
-    OnlineSoftmax<T> softmax;
+    const int64_t b = p.seq_of_query[i];
+    p.keys(b, start, L);
+    rows.load(p, b, start, L);
+    const A* q = widen_query ? widened(p.query + i * width, width, query_buffer.data()) : nullptr;
+    A* w = NeedWeights ? p.weights + i * W : nullptr;
+    std::fill(acc, acc + Dm, A(0));
+    OnlineSoftmax<A> softmax;
     for (int64_t j0 = 0; j0 < L; j0 += kKeyBlock) {
       const int64_t n = std::min(kKeyBlock, L - j0);
-      const T* block_rows = p.memory + (start + j0) * Dm;
-      if constexpr (Kind == ScoreKind::Dot) {
-        dot_rows(q, block_rows, n, Dm, s_block);
-        for (int64_t jj = 0; jj < n; ++jj) s_block[jj] *= p.scale;
-      } else {
-        for (int64_t jj = 0; jj < n; ++jj) s_block[jj] = score_of<T, Kind>(p, q, start + j0 + jj, j0 + jj);
-      }
-      T block_max = -std::numeric_limits<T>::infinity();
+      block_scores<T, A, Kind>(p, i, q, v, rows, j0, n, s_block);
+      A block_max = -std::numeric_limits<A>::infinity();
       for (int64_t jj = 0; jj < n; ++jj) block_max = s_block[jj] > block_max ? s_block[jj] : block_max;
-      const T factor = softmax.rescale(block_max);
-      if (factor != T(1)) scale_in_place(factor, acc, Dm);
+      const A factor = softmax.rescale(block_max);
+      if (factor != A(1)) scale_in_place(factor, acc, Dm);
       if (NeedWeights) std::copy(s_block, s_block + n, w + j0);
       for (int64_t jj = 0; jj < n; ++jj) e_block[jj] = softmax.add(s_block[jj]);
-      add_weighted_rows(acc, e_block, block_rows, n, Dm);
+      add_weighted_rows(acc, e_block, rows.memory + j0 * Dm, n, Dm);
     }
-    T* __restrict out = p.context + i * Dm;
-    const T inv = L > 0 ? T(1) / softmax.sum : T(0);
+    A* __restrict out = p.context + i * Dm;
+    const A inv = L > 0 ? A(1) / softmax.sum : A(0);
 #pragma omp simd
     for (int64_t d = 0; d < Dm; ++d) out[d] = acc[d] * inv;
     p.lse[i] = softmax.lse();
     if (NeedWeights) {
       for (int64_t j = 0; j < L; ++j) w[j] = softmax.weight(w[j]);
-      std::fill(w + L, w + W, T(0));
+      std::fill(w + L, w + W, A(0));
     }
   }
 }
 
 // Backward of the sequences [b0, b1).
-template <typename T, ScoreKind Kind>
-SEQFAST_CPU_MULTIVERSION void backward_sequences(const AttentionParams<T>& p, int64_t b0,
+template <typename T, typename A, ScoreKind Kind>
+SEQFAST_CPU_MULTIVERSION void backward_sequences(const AttentionParams<T, A>& p, int64_t b0,
                                                  int64_t b1) {
-  const int64_t Dm = p.Dm, W = p.max_seqlen_k, A = p.query_width;
-  std::vector<T> prob(W), ds(W);
-  std::vector<T> tanh_rows(Kind == ScoreKind::Additive ? W * A : 0);
+  const int64_t Dm = p.Dm, W = p.max_seqlen_k, width = p.query_width;
+  const bool widen_query = Kind != ScoreKind::Location;
+  std::vector<A> prob(W), ds(W), query_buffer(widen_query ? width : 0), go_buffer(Dm);
+  std::vector<A> v_buffer(Kind == ScoreKind::Additive ? width : 0);
+  std::vector<A> tanh_rows(Kind == ScoreKind::Additive ? W * width : 0);
+  const A* v = Kind == ScoreKind::Additive ? widened(p.v, width, v_buffer.data()) : nullptr;
+  SequenceRows<T, A, Kind> rows;
   for (int64_t b = b0; b < b1; ++b) {
     int64_t start, L;
     p.keys(b, start, L);
@@ -189,56 +280,48 @@ SEQFAST_CPU_MULTIVERSION void backward_sequences(const AttentionParams<T>& p, in
     // padded memory rows included.
     const int64_t q0 = p.cu_seqlens_q[b], q1 = p.cu_seqlens_q[b + 1];
     const int64_t k0 = p.cu_seqlens_k[b], k1 = p.cu_seqlens_k[b + 1];
-    std::fill(p.grad_query + q0 * p.query_width, p.grad_query + q1 * p.query_width, T(0));
-    std::fill(p.grad_memory + k0 * Dm, p.grad_memory + k1 * Dm, T(0));
+    std::fill(p.grad_query + q0 * width, p.grad_query + q1 * width, A(0));
+    std::fill(p.grad_memory + k0 * Dm, p.grad_memory + k1 * Dm, A(0));
     if constexpr (Kind == ScoreKind::Additive) {
-      std::fill(p.grad_memory_proj + k0 * A, p.grad_memory_proj + k1 * A, T(0));
-      std::fill(p.grad_v + b * A, p.grad_v + (b + 1) * A, T(0));
+      std::fill(p.grad_memory_proj + k0 * width, p.grad_memory_proj + k1 * width, A(0));
+      std::fill(p.grad_v + b * width, p.grad_v + (b + 1) * width, A(0));
     }
-    if (L == 0) continue;  // zero context whatever the query: all gradients stay 0
-    for (int64_t i = p.cu_seqlens_q[b]; i < p.cu_seqlens_q[b + 1]; ++i) {
-      const T* __restrict q = p.query + i * p.query_width;
-      const T* __restrict go = p.grad_context + i * Dm;
+    if (L == 0 || q1 == q0) continue;  // zero context whatever the query, or no query: gradients stay 0
+    rows.load(p, b, start, L);
+    const A* key_rows = rows.memory;
+    for (int64_t i = q0; i < q1; ++i) {
+      const A* __restrict q = widen_query ? widened(p.query + i * width, width, query_buffer.data())
+                                          : nullptr;
+      const A* __restrict go = widened(p.grad_context + i * Dm, Dm, go_buffer.data());
       const T* gw = p.grad_weights != nullptr ? p.grad_weights + i * W : nullptr;
-      const T lse = p.saved_lse[i];
-      const T* key_rows = p.memory + start * Dm;
+      const A lse = p.saved_lse[i];
       // prob <- scores, ds <- dcontext . m_j
       if constexpr (Kind == ScoreKind::Dot) {
         dot2_rows(q, go, key_rows, L, Dm, prob.data(), ds.data());
         for (int64_t j = 0; j < L; ++j) prob[j] *= p.scale;
       } else {
         dot_rows(go, key_rows, L, Dm, ds.data());
-        for (int64_t j = 0; j < L; ++j) {
-          if constexpr (Kind == ScoreKind::Additive) {
-            const T* __restrict mp = p.memory_proj + (start + j) * A;
-            const T* __restrict v = p.v;
-            T* __restrict t = tanh_rows.data() + j * A;
-            T s = T(0);
-#pragma omp simd reduction(+ : s)
-            for (int64_t a = 0; a < A; ++a) {
-              const T th = additive_tanh(q[a], mp[a]);
-              t[a] = th;
-              s += v[a] * th;
-            }
-            prob[j] = s;
-          } else {
-            prob[j] = q[j];
+        if constexpr (Kind == ScoreKind::Additive) {
+          for (int64_t j = 0; j < L; ++j) {
+            prob[j] = additive_score<A>(q, rows.memory_proj + j * width, v, width, tanh_rows.data() + j * width);
           }
+        } else {
+          block_scores<T, A, Kind>(p, i, q, v, rows, 0, L, prob.data());
         }
       }
-      T D = T(0);
+      A D = A(0);
       for (int64_t j = 0; j < L; ++j) {
         prob[j] = math::exp(prob[j] - lse);
-        if (gw != nullptr) ds[j] += gw[j];
+        if (gw != nullptr) ds[j] += widen<A>(gw[j]);
         D += prob[j] * ds[j];
       }
       for (int64_t j = 0; j < L; ++j) ds[j] = softmax_backward(prob[j], ds[j], D);
       // dmemory_j += p_j dcontext (+ scale ds_j q for the dot score, where the memory is also the key)
       for (int64_t j = 0; j < L; ++j) {
-        T* __restrict gm = p.grad_memory + (start + j) * Dm;
-        const T pj = prob[j];
+        A* __restrict gm = p.grad_memory + (start + j) * Dm;
+        const A pj = prob[j];
         if constexpr (Kind == ScoreKind::Dot) {
-          const T g = p.scale * ds[j];
+          const A g = p.scale * ds[j];
 #pragma omp simd
           for (int64_t d = 0; d < Dm; ++d) gm[d] += pj * go[d] + g * q[d];
         } else {
@@ -249,22 +332,21 @@ SEQFAST_CPU_MULTIVERSION void backward_sequences(const AttentionParams<T>& p, in
         for (int64_t j = 0; j < L; ++j) ds[j] *= p.scale;
         add_weighted_rows(p.grad_query + i * Dm, ds.data(), key_rows, L, Dm);
       } else if constexpr (Kind == ScoreKind::Additive) {
-        T* __restrict dqp = p.grad_query + i * A;
-        T* __restrict dv = p.grad_v + b * A;
-        const T* __restrict v = p.v;
+        A* __restrict dqp = p.grad_query + i * width;
+        A* __restrict dv = p.grad_v + b * width;
         for (int64_t j = 0; j < L; ++j) {
-          const T* __restrict t = tanh_rows.data() + j * A;
-          T* __restrict dmp = p.grad_memory_proj + (start + j) * A;
-          const T dsj = ds[j];
+          const A* __restrict t = tanh_rows.data() + j * width;
+          A* __restrict dmp = p.grad_memory_proj + (start + j) * width;
+          const A dsj = ds[j];
 #pragma omp simd
-          for (int64_t a = 0; a < A; ++a) {
-            const T g = additive_backward(dsj, v[a], t[a], dv[a]);
+          for (int64_t a = 0; a < width; ++a) {
+            const A g = additive_backward(dsj, v[a], t[a], dv[a]);
             dqp[a] += g;
             dmp[a] += g;
           }
         }
       } else {
-        std::copy(ds.data(), ds.data() + L, p.grad_query + i * p.query_width);
+        std::copy(ds.data(), ds.data() + L, p.grad_query + i * width);
       }
     }
   }
@@ -272,13 +354,16 @@ SEQFAST_CPU_MULTIVERSION void backward_sequences(const AttentionParams<T>& p, in
 
 // ------------------------------------------------------------------------------------------------
 // Host side: dispatch (the checks and the layout are include/seqfast/attention_args.h, shared with
-// the CUDA kernels).
+// the CUDA kernels). Every entry point holds an ExcludeDispatchKeyGuard over the autocast keys: the
+// ATen calls below (empty, contiguous, to, sum) go through the dispatcher, and a kernel must compute
+// the same thing whatever autocast state its caller is in (attention_autocast.cpp decides the dtypes
+// before the kernel is reached).
 
 using attention::Layout;
 
-template <typename T>
-AttentionParams<T> params_of(const Layout& l) {
-  AttentionParams<T> p;
+template <typename T, typename A>
+AttentionParams<T, A> params_of(const Layout& l) {
+  AttentionParams<T, A> p;
   p.batch = l.B;
   p.num_queries = l.Nq;
   p.num_keys = l.Nk;
@@ -296,58 +381,63 @@ int64_t query_grain(const Layout& l, int64_t width) {
   return std::max<int64_t>(1, 65536 / per_query);
 }
 
-template <typename T, ScoreKind Kind>
-void run_forward(const AttentionParams<T>& p, const Layout& l, int64_t width, bool need_weights) {
+template <typename T, typename A, ScoreKind Kind>
+void run_forward(const AttentionParams<T, A>& p, const Layout& l, int64_t width, bool need_weights) {
   at::parallel_for(0, l.Nq, query_grain(l, width), [&](int64_t i0, int64_t i1) {
     if (need_weights) {
-      forward_queries<T, Kind, true>(p, i0, i1);
+      forward_queries<T, A, Kind, true>(p, i0, i1);
     } else {
-      forward_queries<T, Kind, false>(p, i0, i1);
+      forward_queries<T, A, Kind, false>(p, i0, i1);
     }
   });
 }
 
-template <typename T, ScoreKind Kind>
-void run_backward(const AttentionParams<T>& p, const Layout& l) {
-  at::parallel_for(0, l.B, 1, [&](int64_t b0, int64_t b1) { backward_sequences<T, Kind>(p, b0, b1); });
+template <typename T, typename A, ScoreKind Kind>
+void run_backward(const AttentionParams<T, A>& p, const Layout& l) {
+  at::parallel_for(0, l.B, 1, [&](int64_t b0, int64_t b1) { backward_sequences<T, A, Kind>(p, b0, b1); });
 }
 
-void check_float(const Tensor& t, const char* op) {
+// The storage types of the CPU kernels; the dispatch below instantiates each kernel for all four.
+#define SEQFAST_ATTENTION_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+void check_cpu_float(const Tensor& t, const char* op) {
   TORCH_CHECK(t.device().is_cpu(), "seqfast::", op, ": the memory must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "seqfast::", op,
-              ": the CPU kernels support float32 and float64, got ", t.scalar_type());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+              "seqfast::", op, ": the CPU kernels support float32, float64, bfloat16 and float16, got ",
+              st);
 }
 
-// Allocates the forward outputs and points p at them.
-template <typename T>
-std::tuple<Tensor, Tensor, Tensor> forward_outputs(AttentionParams<T>& p, const Layout& l,
-                                                   const Tensor& memory, bool need_weights) {
-  const auto opts = memory.options();
-  Tensor context = at::empty({l.Nq, memory.size(1)}, opts);
-  Tensor lse = at::empty({l.Nq}, opts);
-  Tensor weights = need_weights ? at::empty({l.Nq, l.max_seqlen_k}, opts) : at::empty({0}, opts);
-  p.context = context.data_ptr<T>();
-  p.lse = lse.data_ptr<T>();
-  p.weights = need_weights ? weights.data_ptr<T>() : nullptr;
-  return {context, lse, weights};
+using attention::acc_empty;
+
+// Runs the forward into results in A; returns them converted to the memory's dtype, but lse, which
+// stays in A (float32 for the half types, like the CUDA kernels' lse).
+template <typename T, typename A, ScoreKind Kind>
+std::tuple<Tensor, Tensor, Tensor> forward(AttentionParams<T, A>& p, const Layout& l, const Tensor& memory,
+                                           int64_t width, bool need_weights) {
+  auto [context, lse, weights] = attention::forward_results(p, l, memory, need_weights);
+  run_forward<T, A, Kind>(p, l, width, need_weights);
+  const auto st = memory.scalar_type();
+  return {context.to(st), lse, weights.to(st)};
 }
 
 // ------------------------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor, Tensor> attention_forward_cpu(
     const Tensor& query, const Tensor& memory, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
     const OptTensor& seqused_k, int64_t max_seqlen_k, double scale, bool need_weights) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "attention_forward";
-  check_float(memory, op);
+  check_cpu_float(memory, op);
   const Layout l = attention::check_dot(op, query, memory, cu_seqlens_q, cu_seqlens_k, seqused_k,
                                         max_seqlen_k);
   const Tensor q = query.contiguous(), m = memory.contiguous();
-  return AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "attention_forward", [&] {
-    AttentionParams<scalar_t> p = params_of<scalar_t>(l);
+  return SEQFAST_ATTENTION_DISPATCH(m.scalar_type(), "attention_forward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    AttentionParams<scalar_t, A> p = params_of<scalar_t, A>(l);
     attention::set_inputs(p, q, m);
-    p.scale = static_cast<scalar_t>(scale);
-    auto out = forward_outputs(p, l, m, need_weights);
-    run_forward<scalar_t, ScoreKind::Dot>(p, l, 2 * p.Dm, need_weights);
-    return out;
+    p.scale = static_cast<A>(scale);
+    return forward<scalar_t, A, ScoreKind::Dot>(p, l, m, 2 * p.Dm, need_weights);
   });
 }
 
@@ -358,29 +448,32 @@ std::tuple<Tensor, Tensor> query_row_backward(const char* op, const Layout& l,
                                               const Tensor& grad_context,
                                               const OptTensor& grad_weights, const Tensor& query,
                                               const Tensor& memory, const Tensor& lse, double scale) {
-  attention::check_backward(op, l, grad_context, grad_weights, memory, lse, memory.scalar_type());
+  attention::check_backward(op, l, grad_context, grad_weights, memory, lse,
+                            at::toOpMathType(memory.scalar_type()));
   const Tensor q = query.contiguous(), m = memory.contiguous(), go = grad_context.contiguous();
   const Tensor ls = lse.contiguous();
   const Tensor gw = grad_weights.has_value() ? grad_weights->contiguous() : Tensor();
-  Tensor grad_query = at::empty_like(q), grad_memory = at::empty_like(m);
-  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "query_row_backward", [&] {
-    AttentionParams<scalar_t> p = params_of<scalar_t>(l);
+  return SEQFAST_ATTENTION_DISPATCH(m.scalar_type(), "query_row_backward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    AttentionParams<scalar_t, A> p = params_of<scalar_t, A>(l);
     attention::set_inputs(p, q, m);
     attention::set_backward_inputs(p, go, gw, ls);
-    p.scale = static_cast<scalar_t>(scale);
-    p.grad_query = grad_query.data_ptr<scalar_t>();
-    p.grad_memory = grad_memory.data_ptr<scalar_t>();
-    run_backward<scalar_t, Kind>(p, l);
+    p.scale = static_cast<A>(scale);
+    Tensor grad_query = acc_empty<A>(q.sizes(), m), grad_memory = acc_empty<A>(m.sizes(), m);
+    p.grad_query = grad_query.data_ptr<A>();
+    p.grad_memory = grad_memory.data_ptr<A>();
+    run_backward<scalar_t, A, Kind>(p, l);
+    return std::make_tuple(grad_query.to(m.scalar_type()), grad_memory.to(m.scalar_type()));
   });
-  return {grad_query, grad_memory};
 }
 
 std::tuple<Tensor, Tensor> attention_backward_cpu(
     const Tensor& grad_context, const OptTensor& grad_weights, const Tensor& query,
     const Tensor& memory, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
     const OptTensor& seqused_k, const Tensor& lse, int64_t max_seqlen_k, double scale) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "attention_backward";
-  check_float(memory, op);
+  check_cpu_float(memory, op);
   const Layout l = attention::check_dot(op, query, memory, cu_seqlens_q, cu_seqlens_k, seqused_k,
                                         max_seqlen_k);
   return query_row_backward<ScoreKind::Dot>(op, l, grad_context, grad_weights, query, memory, lse,
@@ -391,19 +484,19 @@ std::tuple<Tensor, Tensor, Tensor> additive_attention_forward_cpu(
     const Tensor& query_proj, const Tensor& memory_proj, const Tensor& memory, const Tensor& v,
     const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, const OptTensor& seqused_k,
     int64_t max_seqlen_k, bool need_weights) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "additive_attention_forward";
-  check_float(memory, op);
+  check_cpu_float(memory, op);
   const Layout l = attention::check_additive(op, query_proj, memory_proj, memory, v, cu_seqlens_q,
                                              cu_seqlens_k, seqused_k, max_seqlen_k);
-  const int64_t A = query_proj.size(1);
+  const int64_t width = query_proj.size(1);
   const Tensor q = query_proj.contiguous(), mp = memory_proj.contiguous(), m = memory.contiguous();
   const Tensor vv = v.contiguous();
-  return AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "additive_attention_forward", [&] {
-    AttentionParams<scalar_t> p = params_of<scalar_t>(l);
+  return SEQFAST_ATTENTION_DISPATCH(m.scalar_type(), "additive_attention_forward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    AttentionParams<scalar_t, A> p = params_of<scalar_t, A>(l);
     attention::set_inputs(p, q, m, mp, vv);
-    auto out = forward_outputs(p, l, m, need_weights);
-    run_forward<scalar_t, ScoreKind::Additive>(p, l, 8 * A + p.Dm, need_weights);
-    return out;
+    return forward<scalar_t, A, ScoreKind::Additive>(p, l, m, 8 * width + p.Dm, need_weights);
   });
 }
 
@@ -412,45 +505,49 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> additive_attention_backward_cpu(
     const Tensor& memory_proj, const Tensor& memory, const Tensor& v, const Tensor& cu_seqlens_q,
     const Tensor& cu_seqlens_k, const OptTensor& seqused_k, const Tensor& lse,
     int64_t max_seqlen_k) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "additive_attention_backward";
-  check_float(memory, op);
+  check_cpu_float(memory, op);
   const Layout l = attention::check_additive(op, query_proj, memory_proj, memory, v, cu_seqlens_q,
                                              cu_seqlens_k, seqused_k, max_seqlen_k);
-  attention::check_backward(op, l, grad_context, grad_weights, memory, lse, memory.scalar_type());
+  attention::check_backward(op, l, grad_context, grad_weights, memory, lse,
+                            at::toOpMathType(memory.scalar_type()));
   const Tensor q = query_proj.contiguous(), mp = memory_proj.contiguous(), m = memory.contiguous();
   const Tensor vv = v.contiguous(), go = grad_context.contiguous(), ls = lse.contiguous();
   const Tensor gw = grad_weights.has_value() ? grad_weights->contiguous() : Tensor();
-  const int64_t A = q.size(1);
-  Tensor grad_query_proj = at::empty_like(q), grad_memory_proj = at::empty_like(mp);
-  Tensor grad_memory = at::empty_like(m);
-  Tensor grad_v_partial = at::empty({l.B, A}, m.options());
-  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "additive_attention_backward", [&] {
-    AttentionParams<scalar_t> p = params_of<scalar_t>(l);
+  return SEQFAST_ATTENTION_DISPATCH(m.scalar_type(), "additive_attention_backward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    AttentionParams<scalar_t, A> p = params_of<scalar_t, A>(l);
     attention::set_inputs(p, q, m, mp, vv);
     attention::set_backward_inputs(p, go, gw, ls);
-    p.grad_query = grad_query_proj.data_ptr<scalar_t>();
-    p.grad_memory = grad_memory.data_ptr<scalar_t>();
-    p.grad_memory_proj = grad_memory_proj.data_ptr<scalar_t>();
-    p.grad_v = grad_v_partial.data_ptr<scalar_t>();
-    run_backward<scalar_t, ScoreKind::Additive>(p, l);
+    Tensor grad_query_proj = acc_empty<A>(q.sizes(), m), grad_memory_proj = acc_empty<A>(mp.sizes(), m);
+    Tensor grad_memory = acc_empty<A>(m.sizes(), m);
+    Tensor grad_v_partial = acc_empty<A>({l.B, q.size(1)}, m);  // per sequence; summed below
+    p.grad_query = grad_query_proj.data_ptr<A>();
+    p.grad_memory = grad_memory.data_ptr<A>();
+    p.grad_memory_proj = grad_memory_proj.data_ptr<A>();
+    p.grad_v = grad_v_partial.data_ptr<A>();
+    run_backward<scalar_t, A, ScoreKind::Additive>(p, l);
+    const auto st = m.scalar_type();
+    return std::make_tuple(grad_query_proj.to(st), grad_memory_proj.to(st), grad_memory.to(st),
+                           grad_v_partial.sum(0).to(st));
   });
-  return {grad_query_proj, grad_memory_proj, grad_memory, grad_v_partial.sum(0)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> location_attention_forward_cpu(
     const Tensor& scores, const Tensor& memory, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
     const OptTensor& seqused_k, int64_t max_seqlen_k, bool need_weights) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "location_attention_forward";
-  check_float(memory, op);
+  check_cpu_float(memory, op);
   const Layout l = attention::check_location(op, scores, memory, cu_seqlens_q, cu_seqlens_k, seqused_k,
                                              max_seqlen_k);
   const Tensor s = scores.contiguous(), m = memory.contiguous();
-  return AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "location_attention_forward", [&] {
-    AttentionParams<scalar_t> p = params_of<scalar_t>(l);
+  return SEQFAST_ATTENTION_DISPATCH(m.scalar_type(), "location_attention_forward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    AttentionParams<scalar_t, A> p = params_of<scalar_t, A>(l);
     attention::set_inputs(p, s, m);
-    auto out = forward_outputs(p, l, m, need_weights);
-    run_forward<scalar_t, ScoreKind::Location>(p, l, p.Dm, need_weights);
-    return out;
+    return forward<scalar_t, A, ScoreKind::Location>(p, l, m, p.Dm, need_weights);
   });
 }
 
@@ -458,8 +555,9 @@ std::tuple<Tensor, Tensor> location_attention_backward_cpu(
     const Tensor& grad_context, const OptTensor& grad_weights, const Tensor& scores,
     const Tensor& memory, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
     const OptTensor& seqused_k, const Tensor& lse, int64_t max_seqlen_k) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "location_attention_backward";
-  check_float(memory, op);
+  check_cpu_float(memory, op);
   const Layout l = attention::check_location(op, scores, memory, cu_seqlens_q, cu_seqlens_k, seqused_k,
                                              max_seqlen_k);
   return query_row_backward<ScoreKind::Location>(op, l, grad_context, grad_weights, scores, memory,

@@ -31,6 +31,7 @@ namespace seqfast {
 namespace cuda {
 namespace attention_kernels {
 
+using attention::acc_empty;
 using attention::Layout;
 using attention::OptTensor;
 
@@ -146,12 +147,6 @@ at::Tensor upload_index(const Layout& l, const at::Device& device, AttentionPara
   p.seqused_k = l.used_k.defined() ? d + 2 * (B + 1) : nullptr;
   p.seq_of_query = nullptr;  // the kernels search cu_seqlens_q instead (sequence_of_row)
   return dev;
-}
-
-// An uninitialized tensor in the kernels' result type A for rows like `like`.
-template <typename A>
-at::Tensor acc_empty(at::IntArrayRef sizes, const at::Tensor& like) {
-  return at::empty(sizes, like.options().dtype(c10::CppTypeToScalarType<A>::value));
 }
 
 }  // namespace attention_kernels

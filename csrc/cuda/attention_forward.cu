@@ -72,12 +72,7 @@ template <typename T, ScoreKind Kind>
 std::tuple<Tensor, Tensor, Tensor> run_forward(AttentionParams<T, at::opmath_type<T>>& p, const Layout& l,
                                                const Tensor& memory, bool need_weights) {
   using A = at::opmath_type<T>;
-  Tensor context = acc_empty<A>({l.Nq, memory.size(1)}, memory);
-  Tensor lse = acc_empty<A>({l.Nq}, memory);
-  Tensor weights = need_weights ? acc_empty<A>({l.Nq, l.max_seqlen_k}, memory) : at::empty({0}, memory.options());
-  p.context = context.data_ptr<A>();
-  p.lse = lse.data_ptr<A>();
-  p.weights = need_weights ? weights.data_ptr<A>() : nullptr;
+  auto [context, lse, weights] = attention::forward_results(p, l, memory, need_weights);
   if (l.Nq > 0) {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     if (need_weights) {

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "seqfast/attention.h"
@@ -184,6 +185,31 @@ void set_backward_inputs(AttentionParams<T, A>& p, const at::Tensor& grad_contex
   p.grad_context = grad_context.data_ptr<T>();
   p.grad_weights = grad_weights.defined() ? grad_weights.data_ptr<T>() : nullptr;
   p.saved_lse = lse.data_ptr<A>();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Results. Both backends write every result in A (float32 for the half types) and convert the
+// context, weights and gradients to the inputs' dtype afterwards; lse stays in A.
+
+// An uninitialized tensor in the kernels' result type A, on the device of `like`.
+template <typename A>
+at::Tensor acc_empty(at::IntArrayRef sizes, const at::Tensor& like) {
+  return at::empty(sizes, like.options().dtype(c10::CppTypeToScalarType<A>::value));
+}
+
+// The forward's results in A, with p pointed at them: context (Nq, Dm), lse (Nq), weights
+// (Nq, max_seqlen_k) or an empty tensor in the memory's dtype when not requested.
+template <typename T, typename A>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_results(AttentionParams<T, A>& p, const Layout& l,
+                                                               const at::Tensor& memory, bool need_weights) {
+  at::Tensor context = acc_empty<A>({l.Nq, memory.size(1)}, memory);
+  at::Tensor lse = acc_empty<A>({l.Nq}, memory);
+  at::Tensor weights = need_weights ? acc_empty<A>({l.Nq, l.max_seqlen_k}, memory)
+                                    : at::empty({0}, memory.options());
+  p.context = context.data_ptr<A>();
+  p.lse = lse.data_ptr<A>();
+  p.weights = need_weights ? weights.data_ptr<A>() : nullptr;
+  return {context, lse, weights};
 }
 
 }  // namespace attention
