@@ -20,6 +20,7 @@ namespace {
 struct OneDnnOps {
   std::optional<c10::OperatorHandle> reorder;  // mkldnn::_reorder_linear_weight(Tensor, int?)
   std::optional<c10::OperatorHandle> linear;   // mkldnn::_linear_pointwise(X, W, B?, attr, scalars, algo?)
+  bool bf16 = false;  // torch.ops.mkldnn._is_mkldnn_bf16_supported(): oneDNN has a native bf16 path here
 
   OneDnnOps() {
     const char* off = std::getenv("SEQFAST_DISABLE_ONEDNN");
@@ -31,6 +32,14 @@ struct OneDnnOps {
     if (!reorder || !linear) {
       reorder.reset();
       linear.reset();
+      return;
+    }
+    // Asked once, at run time: on a CPU without bf16 support (no AVX512-BF16/AMX, nor AVX-512 core for
+    // oneDNN to emulate it), bfloat16 GEMMs go to at::mm instead, which is correct everywhere.
+    if (const auto check = dispatcher.findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""})) {
+      torch::jit::Stack stack;
+      check->callBoxed(&stack);
+      bf16 = stack.at(0).toBool();
     }
   }
   bool available() const { return linear.has_value(); }
@@ -64,7 +73,8 @@ at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& packed,
 constexpr int64_t kOneDnnMinMacs = int64_t(1) << 26;
 
 bool use_onednn(const at::Tensor& weight, int64_t rows) {
-  return weight.scalar_type() == at::kFloat && weight.device().is_cpu() &&
+  const auto st = weight.scalar_type();
+  return (st == at::kFloat || (st == at::kBFloat16 && onednn_ops().bf16)) && weight.device().is_cpu() &&
          onednn_ops().available() && weight.numel() > 0 && rows > 0 &&
          rows * weight.numel() >= kOneDnnMinMacs;
 }
@@ -181,6 +191,17 @@ at::Tensor RowGemm::compute(const at::Tensor& a, const at::Tensor& scratch) {
 }
 
 void RowGemm::compute_into(const at::Tensor& a, const at::Tensor& out, bool accumulate) {
+  if (out.scalar_type() != weight_.scalar_type()) {
+    // A float32 `out` for bfloat16 operands (the running state gradients of the bf16 backward): the
+    // product comes back in bfloat16 (float32 accumulation inside the GEMM) and is added in float32.
+    const at::Tensor y = packed_.defined() ? onednn_linear(a, packed_) : at::mm(a, weight_t_);
+    if (accumulate) {
+      out.add_(y);
+    } else {
+      out.copy_(y);
+    }
+    return;
+  }
   if (packed_.defined()) {
     at::Tensor y = onednn_linear(a, packed_);
     if (accumulate) {

@@ -8,6 +8,9 @@
 // mkldnn::_reorder_linear_weight / mkldnn::_linear_pointwise, the ops torch.compile's CPU backend uses):
 // on the AVX-512 EPYC we measure 195-219 GF/s at 64x512x2048 and ~180 GF/s at 4x1024x4096, against
 // 140-150 and 22-24 GF/s for at::mm (MKL). float64, and torch builds without oneDNN, use at::mm.
+// bfloat16 (operands and result in bf16, float32 accumulation inside the GEMM) uses oneDNN the same way
+// when torch reports native bf16 support (mkldnn::_is_mkldnn_bf16_supported, asked at run time), else
+// at::mm, which is correct on any CPU (benchmarks/NOTES.md 15).
 #include <ATen/ATen.h>
 
 namespace seqfast {
@@ -25,7 +28,8 @@ class RowGemm {
   // several threads are safe with one scratch per thread.
   at::Tensor compute(const at::Tensor& a, const at::Tensor& scratch);
 
-  // out (rows, n), contiguous rows: out = a @ W^T, or out += a @ W^T when accumulate is set.
+  // out (rows, n), contiguous rows: out = a @ W^T, or out += a @ W^T when accumulate is set. out may be
+  // float32 for bfloat16 operands (the product is converted).
   void compute_into(const at::Tensor& a, const at::Tensor& out, bool accumulate);
 
   bool uses_onednn() const { return packed_.defined(); }
