@@ -12,10 +12,11 @@
 // (torch's unpacked LSTM without projection instead runs oneDNN's RNN primitive, which autocast casts
 // to bfloat16 as a whole; seqfast.nn.LSTM reproduces that by handing this op bfloat16 states.)
 //
-// This kernel follows the same rule with the fused bfloat16 kernel: the input, the parameters and the
-// initial states are cast to bfloat16 (the parameters through autocast's weight cache, so a cell called
-// step after step converts its weights once per autocast region), the layer runs in bfloat16 with float32
-// gates and cell state inside, and the outputs are returned in the dtypes above. The casts are ordinary
+// This kernel follows the same rule with the fused bfloat16 kernel: the input and the weight matrices
+// are cast to bfloat16 (the weights through autocast's weight cache, so a cell called step after step
+// converts its weights once per autocast region; the biases and h0/c0 are passed as they are), the layer
+// runs in bfloat16 with float32 gates and cell state inside, and the outputs are returned in the dtypes
+// above. The casts are ordinary
 // differentiable ops, so the gradients reach float32 parameters in float32, as with torch.nn.
 //
 // float16 autocast on the CPU has no fused kernel: the op runs in the dtype it is given (float32), and
@@ -70,9 +71,12 @@ Outputs recurrent_layer_forward_autocast(const Tensor& input, const OptTensor& b
   const auto cast_opt = [&](const OptTensor& t) -> OptTensor {
     return t.has_value() ? OptTensor(cast(*t)) : std::nullopt;
   };
+  // The biases and the initial states stay as they are: the kernel reads them in float32 and returns
+  // hy, cy and their gradients in their own dtypes, so float32 ones are not rounded to bfloat16 on the
+  // way in or out (torch's generic cells keep a float32 state float32 too).
   auto [output, hy, cy, workspace] =
-      forward_op().call(cast(input), batch_sizes, cast(hx), cast_opt(cx), cast(w_ih), cast(w_hh),
-                        cast_opt(b_ih), cast_opt(b_hh), cast_opt(w_hr), mode, reverse, training);
+      forward_op().call(cast(input), batch_sizes, hx, cx, cast(w_ih), cast(w_hh), b_ih, b_hh,
+                        cast_opt(w_hr), mode, reverse, training);
   // The dtypes torch.nn's generic cells give (see the top of this file).
   if (mode == 0) {
     const at::ScalarType c_dtype = at::promote_types(cx->scalar_type(), low);
@@ -83,7 +87,7 @@ Outputs recurrent_layer_forward_autocast(const Tensor& input, const OptTensor& b
     const at::ScalarType h_dtype = at::promote_types(hx.scalar_type(), low);
     return {output.to(h_dtype), hy.to(h_dtype), cy, workspace};
   }
-  return {output, hy, cy, workspace};
+  return {output, hy.to(low), cy, workspace};
 }
 
 }  // namespace

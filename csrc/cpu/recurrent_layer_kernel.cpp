@@ -62,9 +62,9 @@ using acc_t = at::opmath_type<T>;
 
 template <typename T>
 struct LstmForwardStep {
-  const T* gx;       // (bs, 4H) x W_ih^T + b_ih
-  const T* gh;       // (bs, 4H) h_prev W_hh^T
-  const T* b_hh;     // (4H)
+  const acc_t<T>* gx;  // (bs, 4H) x W_ih^T + b_ih (compute type: the GEMMs return float for bf16)
+  const acc_t<T>* gh;  // (bs, 4H) h_prev W_hh^T
+  const acc_t<T>* b_hh;  // (4H) in the compute type
   acc_t<T>* c;       // (B, H) cell state, updated in place (compute type)
   T* h;              // (bs, H) o*tanh(c'): output rows, or the h_unproj rows when projecting
   T* act;            // (bs, 4H) saved i, f, g, o
@@ -76,7 +76,7 @@ struct LstmForwardStep {
 // inner loop vectorizes without alias checks.
 template <typename T, bool Save, typename A = acc_t<T>>
 SEQFAST_CPU_INLINE void lstm_forward_row(
-    int64_t H, const T* __restrict gx, const T* __restrict gh, const T* __restrict bh,
+    int64_t H, const A* __restrict gx, const A* __restrict gh, const A* __restrict bh,
     A* __restrict c, T* __restrict h, T* __restrict act, T* __restrict tanh_c, T* __restrict c_prev) {
   for (int64_t j = 0; j < H; ++j) {
     A i, f, g, o, c_new, tc, h_new;
@@ -170,8 +170,8 @@ SEQFAST_CPU_MULTIVERSION void lstm_forward_rows(const LstmForwardStep<T>& p, int
     const int64_t rows = b1 - b0, n = rows * H;
     A* pre = flat_buffer<A>((Save ? 8 : 4) * n);
     A* act = Save ? pre + 4 * n : nullptr;
-    const T* gx = p.gx + b0 * 4 * H;
-    const T* gh = p.gh + b0 * 4 * H;
+    const A* gx = p.gx + b0 * 4 * H;
+    const A* gh = p.gh + b0 * 4 * H;
     for (int64_t b = 0; b < rows; ++b) {
       for (int64_t k = 0; k < 4; ++k) {
         for (int64_t j = 0; j < H; ++j) {
@@ -194,9 +194,9 @@ SEQFAST_CPU_MULTIVERSION void lstm_forward_rows(const LstmForwardStep<T>& p, int
 
 template <typename T>
 struct GruForwardStep {
-  const T* gx;      // (bs, 3H) x W_ih^T + b_ih
-  const T* gh;      // (bs, 3H) h_prev W_hh^T (no bias)
-  const T* b_hh;    // (3H)
+  const acc_t<T>* gx;  // (bs, 3H) x W_ih^T + b_ih (compute type)
+  const acc_t<T>* gh;  // (bs, 3H) h_prev W_hh^T (no bias)
+  const acc_t<T>* b_hh;  // (3H) in the compute type
   const T* h_prev;  // (bs, H)
   T* h;             // (bs, H) output rows
   T* act;           // (bs, 3H) saved r, z, n
@@ -205,7 +205,7 @@ struct GruForwardStep {
 
 template <typename T, bool Save, typename A = acc_t<T>>
 SEQFAST_CPU_INLINE void gru_forward_row(
-    int64_t H, const T* __restrict gx, const T* __restrict gh, const T* __restrict bh,
+    int64_t H, const A* __restrict gx, const A* __restrict gh, const A* __restrict bh,
     const T* __restrict hp, T* __restrict h, T* __restrict act, T* __restrict ghn_saved) {
   for (int64_t j = 0; j < H; ++j) {
     A r, z, n, h_new;
@@ -248,7 +248,7 @@ SEQFAST_CPU_MULTIVERSION void gru_forward_rows(const GruForwardStep<T>& p, int64
     A* gh = gi + 3 * n;  // h W_hh^T + b_hh, gate-major
     A* act = Save ? gi + 6 * n : nullptr;
     to_gate_major<3>(p.gx + b0 * 3 * H, rows, H, gi);
-    const T* gh_rows = p.gh + b0 * 3 * H;
+    const A* gh_rows = p.gh + b0 * 3 * H;
     for (int64_t b = 0; b < rows; ++b) {
       for (int64_t k = 0; k < 3; ++k) {
         for (int64_t j = 0; j < H; ++j) gh[k * n + b * H + j] = A(gh_rows[b * 3 * H + k * H + j]) + A(p.b_hh[k * H + j]);
@@ -271,15 +271,15 @@ SEQFAST_CPU_MULTIVERSION void gru_forward_rows(const GruForwardStep<T>& p, int64
 
 template <typename T>
 struct RnnForwardStep {
-  const T* gx;    // (bs, H)
-  const T* gh;    // (bs, H)
-  const T* b_hh;  // (H)
+  const acc_t<T>* gx;  // (bs, H) (compute type)
+  const acc_t<T>* gh;  // (bs, H)
+  const acc_t<T>* b_hh;  // (H) in the compute type
   T* h;           // (bs, H) output rows
 };
 
 template <typename T, Activation A_, typename A = acc_t<T>>
-SEQFAST_CPU_INLINE void rnn_forward_row(int64_t H, const T* __restrict gx, const T* __restrict gh,
-                                        const T* __restrict bh, T* __restrict h) {
+SEQFAST_CPU_INLINE void rnn_forward_row(int64_t H, const A* __restrict gx, const A* __restrict gh,
+                                        const A* __restrict bh, T* __restrict h) {
   for (int64_t j = 0; j < H; ++j) h[j] = T(rnn_pointwise_forward<A_>(A(gx[j]) + A(gh[j]) + A(bh[j])));
 }
 
@@ -323,6 +323,32 @@ SEQFAST_CPU_MULTIVERSION void rnn_forward_rows(const RnnForwardStep<T>& p, int64
   }
 }
 
+// bfloat16: the bias gradients are sums over every token of the gate gradients, which the backward
+// stores rounded to T (they are GEMM operands). Summing the rounded values cost up to ~3x torch's error
+// on the bias gradients (tests/test_bf16.py), so the passes also add the unrounded gate gradients into
+// per-batch-row accumulators (B, G*H) in the compute type: a row belongs to one thread in a step, so
+// there are no races, and the rows are reduced once after the loop. float/double skip this.
+template <typename T>
+constexpr bool kBiasRows = !std::is_same_v<T, acc_t<T>>;
+
+// out[i] = v in T, and bias_rows[i] += v for low-precision T.
+template <typename T, typename A>
+SEQFAST_CPU_INLINE void store_gate_grad(T* __restrict out, A* __restrict bias_rows, int64_t i, A v) {
+  out[i] = T(v);
+  if constexpr (kBiasRows<T>) bias_rows[i] += v;
+}
+
+// bias_rows[b*G*H + k*H + j] += src[k*n + b*H + j]: the flat passes' gate-major gradients.
+template <int G, typename A>
+SEQFAST_CPU_INLINE void add_gate_major(const A* __restrict src, int64_t rows, int64_t H, A* __restrict bias_rows) {
+  const int64_t n = rows * H;
+  for (int64_t b = 0; b < rows; ++b) {
+    for (int k = 0; k < G; ++k) {
+      for (int64_t j = 0; j < H; ++j) bias_rows[b * G * H + k * H + j] += src[k * n + b * H + j];
+    }
+  }
+}
+
 template <typename T>
 struct LstmBackwardStep {
   const T* act;        // (bs, 4H)
@@ -331,20 +357,21 @@ struct LstmBackwardStep {
   const acc_t<T>* dh;  // (bs, H) gradient w.r.t. the step's unprojected h
   acc_t<T>* dc;        // (B, H) in: dL/dc' from step t+1; out: dL/dc_prev
   T* dgates;           // (bs, 4H) out: gradients of the pre-activations
+  acc_t<T>* dbias;     // (bs, 4H) bias-gradient rows, added to (kBiasRows only)
 };
 
 template <typename T, typename A = acc_t<T>>
 SEQFAST_CPU_INLINE void lstm_backward_row(
     int64_t H, const T* __restrict act, const T* __restrict tc, const T* __restrict cp,
-    const A* __restrict dh, A* __restrict dc, T* __restrict dg) {
+    const A* __restrict dh, A* __restrict dc, T* __restrict dg, A* __restrict db) {
   for (int64_t j = 0; j < H; ++j) {
     A di, df, dgg, dout, dcp;
     lstm_pointwise_backward(A(act[j]), A(act[H + j]), A(act[2 * H + j]), A(act[3 * H + j]), A(tc[j]),
                             A(cp[j]), dh[j], dc[j], di, df, dgg, dout, dcp);
-    dg[j] = T(di);
-    dg[H + j] = T(df);
-    dg[2 * H + j] = T(dgg);
-    dg[3 * H + j] = T(dout);
+    store_gate_grad(dg, db, j, di);
+    store_gate_grad(dg, db, H + j, df);
+    store_gate_grad(dg, db, 2 * H + j, dgg);
+    store_gate_grad(dg, db, 3 * H + j, dout);
     dc[j] = dcp;
   }
 }
@@ -376,11 +403,12 @@ SEQFAST_CPU_MULTIVERSION void lstm_backward_rows(const LstmBackwardStep<T>& p, i
     to_gate_major<4>(p.act + b0 * 4 * H, rows, H, act);
     lstm_backward_flat<T>(n, act, p.tanh_c + b0 * H, p.c_prev + b0 * H, p.dh + b0 * H, p.dc + b0 * H, dg);
     from_gate_major<4>(dg, rows, H, p.dgates + b0 * 4 * H);
+    if constexpr (kBiasRows<T>) add_gate_major<4>(dg, rows, H, p.dbias + b0 * 4 * H);
     return;
   }
   for (int64_t b = b0; b < b1; ++b) {
     lstm_backward_row<T>(H, p.act + b * 4 * H, p.tanh_c + b * H, p.c_prev + b * H, p.dh + b * H,
-                         p.dc + b * H, p.dgates + b * 4 * H);
+                         p.dc + b * H, p.dgates + b * 4 * H, kBiasRows<T> ? p.dbias + b * 4 * H : nullptr);
   }
 }
 
@@ -393,22 +421,25 @@ struct GruBackwardStep {
   T* dgi;              // (bs, 3H) out: grads of x W_ih^T + b_ih
   T* dgh;              // (bs, 3H) out: grads of h W_hh^T + b_hh
   acc_t<T>* dh_prev;   // (B, H) out: the part of dL/dh_prev that bypasses W_hh
+  acc_t<T>* dbias_i;   // (bs, 3H) bias-gradient rows of b_ih, added to (kBiasRows only)
+  acc_t<T>* dbias_h;   // (bs, 3H) bias-gradient rows of b_hh, added to (kBiasRows only)
 };
 
 template <typename T, typename A = acc_t<T>>
 SEQFAST_CPU_INLINE void gru_backward_row(
     int64_t H, const T* __restrict act, const T* __restrict ghn, const T* __restrict hp,
-    const A* __restrict dh, T* __restrict dgi, T* __restrict dgh, A* __restrict dhp) {
+    const A* __restrict dh, T* __restrict dgi, T* __restrict dgh, A* __restrict dhp, A* __restrict dbi,
+    A* __restrict dbh) {
   for (int64_t j = 0; j < H; ++j) {
     A dr, dz, dn_i, dn_h, direct;
     gru_pointwise_backward(A(act[j]), A(act[H + j]), A(act[2 * H + j]), A(ghn[j]), A(hp[j]), dh[j], dr,
                            dz, dn_i, dn_h, direct);
-    dgi[j] = T(dr);
-    dgi[H + j] = T(dz);
-    dgi[2 * H + j] = T(dn_i);
-    dgh[j] = T(dr);
-    dgh[H + j] = T(dz);
-    dgh[2 * H + j] = T(dn_h);
+    store_gate_grad(dgi, dbi, j, dr);
+    store_gate_grad(dgi, dbi, H + j, dz);
+    store_gate_grad(dgi, dbi, 2 * H + j, dn_i);
+    store_gate_grad(dgh, dbh, j, dr);
+    store_gate_grad(dgh, dbh, H + j, dz);
+    store_gate_grad(dgh, dbh, 2 * H + j, dn_h);
     dhp[j] = direct;
   }
 }
@@ -445,25 +476,33 @@ SEQFAST_CPU_MULTIVERSION void gru_backward_rows(const GruBackwardStep<T>& p, int
                          p.dh_prev + b0 * H);
     from_gate_major<3>(dgi, rows, H, p.dgi + b0 * 3 * H);
     from_gate_major<3>(dgh, rows, H, p.dgh + b0 * 3 * H);
+    if constexpr (kBiasRows<T>) {
+      add_gate_major<3>(dgi, rows, H, p.dbias_i + b0 * 3 * H);
+      add_gate_major<3>(dgh, rows, H, p.dbias_h + b0 * 3 * H);
+    }
     return;
   }
   for (int64_t b = b0; b < b1; ++b) {
     gru_backward_row<T>(H, p.act + b * 3 * H, p.gh_n + b * H, p.h_prev + b * H, p.dh + b * H,
-                        p.dgi + b * 3 * H, p.dgh + b * 3 * H, p.dh_prev + b * H);
+                        p.dgi + b * 3 * H, p.dgh + b * 3 * H, p.dh_prev + b * H,
+                        kBiasRows<T> ? p.dbias_i + b * 3 * H : nullptr,
+                        kBiasRows<T> ? p.dbias_h + b * 3 * H : nullptr);
   }
 }
 
 template <typename T, Activation A_, typename A = acc_t<T>>
 SEQFAST_CPU_INLINE void rnn_backward_row(int64_t H, const T* __restrict h, const A* __restrict dh,
-                                         T* __restrict dpre) {
-  for (int64_t j = 0; j < H; ++j) dpre[j] = T(rnn_pointwise_backward<A_>(A(h[j]), dh[j]));
+                                         T* __restrict dpre, A* __restrict db) {
+  for (int64_t j = 0; j < H; ++j) store_gate_grad(dpre, db, j, rnn_pointwise_backward<A_>(A(h[j]), dh[j]));
 }
 
+// dbias: (bs, H) bias-gradient rows (kBiasRows only).
 template <typename T, Activation A_>
-SEQFAST_CPU_MULTIVERSION void rnn_backward_rows(const T* h, const acc_t<T>* dh, T* dpre, int64_t H,
-                                                int64_t b0, int64_t b1) {
+SEQFAST_CPU_MULTIVERSION void rnn_backward_rows(const T* h, const acc_t<T>* dh, T* dpre, acc_t<T>* dbias,
+                                                int64_t H, int64_t b0, int64_t b1) {
   // The (rows, H) matrices are contiguous: one flat loop vectorizes whatever H is.
-  rnn_backward_row<T, A_>((b1 - b0) * H, h + b0 * H, dh + b0 * H, dpre + b0 * H);
+  rnn_backward_row<T, A_>((b1 - b0) * H, h + b0 * H, dh + b0 * H, dpre + b0 * H,
+                          kBiasRows<T> ? dbias + b0 * H : nullptr);
 }
 
 template <typename F>
@@ -538,11 +577,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   const bool is_lstm = d.kind == CellKind::LSTM, is_gru = d.kind == CellKind::GRU;
 
   const Tensor x = input.reshape({N, d.I});
-  const Tensor gx = cpu::linear(x, w_ih, b_ih);  // (N, G*H): the input projection of every step
-  const Tensor bias_hh = b_hh.has_value() ? b_hh->contiguous() : at::zeros({GH}, opts);
+  const Tensor gx = cpu::input_projection(x, w_ih, b_ih);  // (N, G*H) in A: every step's x W_ih^T + b_ih
+  const Tensor bias_hh = b_hh.has_value() ? b_hh->to(acc_opts.dtype()).contiguous() : at::zeros({GH}, acc_opts);
 
   Tensor output = empty_buffer({N, P}, opts);
-  Tensor h_state = hx.clone(at::MemoryFormat::Contiguous);
+  // The recurrent state is the next step's GEMM operand: in T (hx may be float32 for bfloat16, autocast).
+  Tensor h_state = hx.to(opts, /*non_blocking=*/false, /*copy=*/true).contiguous();
   // The cell state in the compute type (float for bfloat16) for the whole loop; rounded to T once, at
   // the end.
   Tensor c_state = is_lstm ? cx->to(acc_opts, /*non_blocking=*/false, /*copy=*/true).contiguous()
@@ -559,7 +599,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   // The time loop over batch rows [r0, r1) (a band; see row_bands).
   auto run_band = [&](int64_t r0, int64_t r1) {
     if (r1 <= r0) return;
-    Tensor gh_scratch = recurrent.uses_onednn() ? Tensor() : at::empty({r1 - r0, GH}, opts);
+    Tensor gh_scratch = at::empty({r1 - r0, GH}, acc_opts);
     // Unprojected LSTM output when projecting: saved rows when training, else a per-step scratch.
     Tensor h_unproj_scratch = d.projected && !training ? at::empty({r1 - r0, H}, opts) : Tensor();
     for (int64_t step = 0; step < s.steps(); ++step) {
@@ -572,14 +612,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
         std::memcpy(W.rows<T>(L.h_prev, row0, P), h_prev.data_ptr<T>(), sizeof(T) * rows * P);
       }
       const Tensor gh = recurrent.compute(h_prev, gh_scratch);
-      const T* gx_rows = rows_of<T>(gx, row0, GH);
+      const A* gx_rows = rows_of<A>(gx, row0, GH);
       T* out_rows = rows_of<T>(output, row0, P);
 
       if (is_lstm) {
         LstmForwardStep<T> p;
         p.gx = gx_rows;
-        p.gh = gh.data_ptr<T>();
-        p.b_hh = bias_hh.data_ptr<T>();
+        p.gh = gh.data_ptr<A>();
+        p.b_hh = bias_hh.data_ptr<A>();
         p.c = c_state.data_ptr<A>() + r0 * H;
         p.h = !d.projected ? out_rows
                            : (training ? W.rows<T>(L.h_unproj, row0, H) : h_unproj_scratch.data_ptr<T>());
@@ -599,8 +639,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
       } else if (is_gru) {
         GruForwardStep<T> p;
         p.gx = gx_rows;
-        p.gh = gh.data_ptr<T>();
-        p.b_hh = bias_hh.data_ptr<T>();
+        p.gh = gh.data_ptr<A>();
+        p.b_hh = bias_hh.data_ptr<A>();
         p.h_prev = h_prev.data_ptr<T>();
         p.h = out_rows;
         if (training) {
@@ -612,7 +652,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
           parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { gru_forward_rows<T, false>(p, H, b0, b1); });
         }
       } else {
-        RnnForwardStep<T> p{gx_rows, gh.data_ptr<T>(), bias_hh.data_ptr<T>(), out_rows};
+        RnnForwardStep<T> p{gx_rows, gh.data_ptr<A>(), bias_hh.data_ptr<A>(), out_rows};
         if (d.kind == CellKind::RNN_TANH) {
           parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_forward_rows<T, Activation::Tanh>(p, H, b0, b1); });
         } else {
@@ -631,13 +671,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
     sizes.back() = P;
     return sizes;
   }();
-  return {output.view(out_shape), h_state, c_state.to(opts.dtype()), ws};
+  // cy in cx's dtype: float32 cx of a bfloat16 layer (autocast) is never rounded to bfloat16.
+  // hy and cy in hx's and cx's dtypes: float32 states of a bfloat16 layer (autocast) come back float32
+  // (cy never rounded to bfloat16: the cell state is float32 throughout).
+  return {output.view(out_shape), h_state.to(hx.scalar_type()),
+          is_lstm ? c_state.to(cx->scalar_type()) : c_state.to(opts.dtype()), ws};
 }
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
     const Tensor& grad_output, const Tensor& grad_hy, const OptTensor& grad_cy, const Tensor& input,
-    const Schedule& s, const LayerDims& d, const Tensor& w_ih, const Tensor& w_hh,
+    const Schedule& s, const LayerDims& d, const Tensor& hx, const OptTensor& cx, const Tensor& w_ih,
+    const Tensor& w_hh,
     const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& output,
     const Tensor& ws, bool reverse, bool input_grad) {
   using A = acc_t<T>;
@@ -662,6 +707,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   Tensor dgi = empty_buffer({N, GH}, opts);
   Tensor dgh = is_gru ? empty_buffer({N, GH}, opts) : dgi;
   Tensor dh_proj = d.projected ? empty_buffer({N, P}, opts) : Tensor();  // dL/d(projected h), per token
+  // Bias-gradient rows in the compute type (see kBiasRows); b_hh's differ from b_ih's for GRU only.
+  // (Allocated for bfloat16 even without biases: the passes write them unconditionally; B x G*H.)
+  const bool bias_rows = kBiasRows<T>;
+  Tensor db_i = bias_rows ? at::zeros({B, GH}, acc_opts) : Tensor();
+  Tensor db_h = bias_rows && is_gru ? at::zeros({B, GH}, acc_opts) : db_i;
+  const auto bias_row_ptr = [&](const Tensor& t, int64_t r0) { return t.defined() ? t.data_ptr<A>() + r0 * GH : nullptr; };
 
   RowGemm recurrent_t(w_hh.t(), B, N);  // dh_prev = dgh @ W_hh
   std::optional<RowGemm> projection_t;
@@ -693,21 +744,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       if (is_lstm) {
         LstmBackwardStep<T> p{W.rows<T>(L.act, row0, 4 * H), W.rows<T>(L.tanh_c, row0, H),
                               W.rows<T>(L.c_prev, row0, H), dh_ptr, dc_state.data_ptr<A>() + r0 * H,
-                              dgi_rows};
+                              dgi_rows, bias_row_ptr(db_i, r0)};
         parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { lstm_backward_rows<T>(p, H, b0, b1); });
         recurrent_t.compute_into(dgi.narrow(0, row0, rows), dh_rows, /*accumulate=*/false);
       } else if (is_gru) {
         GruBackwardStep<T> p{W.rows<T>(L.act, row0, 3 * H), W.rows<T>(L.gh_n, row0, H),
                              W.rows<T>(L.h_prev, row0, H), dh_ptr, dgi_rows, rows_of<T>(dgh, row0, GH),
-                             dh_rows.data_ptr<A>()};
+                             dh_rows.data_ptr<A>(), bias_row_ptr(db_i, r0), bias_row_ptr(db_h, r0)};
         parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { gru_backward_rows<T>(p, H, b0, b1); });
         recurrent_t.compute_into(dgh.narrow(0, row0, rows), dh_rows, /*accumulate=*/true);
       } else {
         const T* h_rows = rows_of<T>(out2d, row0, P);
         if (d.kind == CellKind::RNN_TANH) {
-          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_backward_rows<T, Activation::Tanh>(h_rows, dh_ptr, dgi_rows, H, b0, b1); });
+          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_backward_rows<T, Activation::Tanh>(h_rows, dh_ptr, dgi_rows, bias_row_ptr(db_i, r0), H, b0, b1); });
         } else {
-          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_backward_rows<T, Activation::Relu>(h_rows, dh_ptr, dgi_rows, H, b0, b1); });
+          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_backward_rows<T, Activation::Relu>(h_rows, dh_ptr, dgi_rows, bias_row_ptr(db_i, r0), H, b0, b1); });
         }
         recurrent_t.compute_into(dgi.narrow(0, row0, rows), dh_rows, /*accumulate=*/false);
       }
@@ -721,11 +772,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       input_grad ? cpu::linear(dgi, w_ih.t(), std::nullopt).view(input.sizes()) : at::empty({0}, opts);
   Tensor grad_w_ih = at::mm(dgi.t(), x);
   Tensor grad_w_hh = at::mm(dgh.t(), W.matrix(L.h_prev, P));
-  Tensor grad_b_ih = b_ih.has_value() ? dgi.sum(0) : at::empty({0}, opts);
-  Tensor grad_b_hh = !b_hh.has_value() ? at::empty({0}, opts)
-                     : (is_gru || !b_ih.has_value() ? dgh.sum(0) : grad_b_ih.clone());
+  const Tensor& dgi_sum = bias_rows ? db_i : dgi;
+  const Tensor& dgh_sum = bias_rows ? db_h : dgh;
+  // In each bias's own dtype: float32 biases of a bfloat16 layer (autocast) get float32 gradients.
+  Tensor grad_b_ih = b_ih.has_value() ? dgi_sum.sum(0).to(b_ih->scalar_type()) : at::empty({0}, opts);
+  Tensor grad_b_hh =
+      !b_hh.has_value() ? at::empty({0}, opts)
+      : (is_gru || !b_ih.has_value() ? dgh_sum.sum(0) : grad_b_ih.clone()).to(b_hh->scalar_type());
   Tensor grad_w_hr = d.projected ? at::mm(dh_proj.t(), W.matrix(L.h_unproj, H)) : at::empty({0}, opts);
-  return {grad_input,           dh_state.to(opts.dtype()), dc_state.to(opts.dtype()), grad_w_ih,
+  // grad_hx and grad_cx in hx's and cx's dtypes (float32 for a bfloat16 layer under autocast).
+  const at::ScalarType c_dtype = is_lstm ? cx->scalar_type() : input.scalar_type();
+  return {grad_input,           dh_state.to(hx.scalar_type()), dc_state.to(c_dtype), grad_w_ih,
           grad_w_hh,            grad_b_ih,                 grad_b_hh,                 grad_w_hr};
 }
 
@@ -741,7 +798,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrent_layer_forward_cpu(
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_cpu_dtype(input);
   const Schedule s = make_schedule(input, batch_sizes);
-  const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode);
+  const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode,
+                                  /*float_extras=*/true);
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "recurrent_layer_forward", [&] {
     return layer_forward<scalar_t>(input, s, d, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
                                    training);
@@ -759,10 +817,11 @@ recurrent_layer_backward_cpu(const Tensor& grad_output, const Tensor& grad_hy,
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see forward
   check_cpu_dtype(input);
   const Schedule s = make_schedule(input, batch_sizes);
-  const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode);
+  const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode,
+                                  /*float_extras=*/true);
   check_backward_inputs(grad_output, grad_hy, grad_cy, output, d, hx, cx, input);
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "recurrent_layer_backward", [&] {
-    return layer_backward<scalar_t>(grad_output, grad_hy, grad_cy, input, s, d, w_ih, w_hh, b_ih,
+    return layer_backward<scalar_t>(grad_output, grad_hy, grad_cy, input, s, d, hx, cx, w_ih, w_hh, b_ih,
                                     b_hh, w_hr, output, workspace, reverse, input_grad);
   });
 }

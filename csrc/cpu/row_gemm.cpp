@@ -161,11 +161,30 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
   return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
 }
 
+at::Tensor input_projection(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias) {
+  if (weight.scalar_type() != at::kBFloat16) return cpu::linear(x, weight, bias);
+  if (!bf16_gemm_supports(weight) || x.size(0) == 0) {
+    // bf16 product (at::mm / oneDNN), widened; the bias (float32 or bf16) added in float32.
+    at::Tensor out = cpu::linear(x, weight, std::nullopt).to(at::kFloat);
+    if (bias.has_value()) out.add_(*bias);
+    return out;
+  }
+  const at::Tensor a = x.contiguous();
+  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options().dtype(at::kFloat));
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  Bf16Gemm(weight).run(a.size(0), a.data_ptr<at::BFloat16>(), a.stride(0), out.data_ptr<float>(),
+                       out.stride(0), /*accumulate=*/false, b.defined() ? b.data_ptr<float>() : nullptr);
+  return out;
+}
+
 RowGemm::RowGemm(const at::Tensor& weight, int64_t max_rows, int64_t total_rows) {
   TORCH_INTERNAL_ASSERT(weight.dim() == 2);
   weight_ = weight;
   weight_t_ = weight.t();
-  if (max_rows > 0 && use_onednn(weight, total_rows)) {
+  if (max_rows > 0 && bf16_gemm_supports(weight)) {
+    bf16_.emplace(weight);
+  } else if (max_rows > 0 && use_onednn(weight, total_rows)) {
     packed_ = onednn_reorder(weight, max_rows);
   } else if (max_rows > 0 && use_small_gemm(weight, max_rows, total_rows)) {
     small_weight_t_ = weight_t_.contiguous();
@@ -181,6 +200,11 @@ bool RowGemm::try_small_gemm(const at::Tensor& a, const at::Tensor& out, bool ac
 }
 
 at::Tensor RowGemm::compute(const at::Tensor& a, const at::Tensor& scratch) {
+  if (weight_.scalar_type() == at::kBFloat16) {  // a float32 result, in scratch
+    at::Tensor out = scratch.narrow(0, 0, a.size(0));
+    compute_into(a, out, /*accumulate=*/false);
+    return out;
+  }
   if (packed_.defined()) return onednn_linear(a, packed_);
   at::Tensor out = scratch.narrow(0, 0, a.size(0));
   if (!try_small_gemm(a, out, /*accumulate=*/false) &&
@@ -191,6 +215,22 @@ at::Tensor RowGemm::compute(const at::Tensor& a, const at::Tensor& scratch) {
 }
 
 void RowGemm::compute_into(const at::Tensor& a, const at::Tensor& out, bool accumulate) {
+  if (bf16_.has_value() && unit_column_stride(a)) {
+    if (out.scalar_type() == at::kFloat && unit_column_stride(out)) {
+      bf16_->run(a.size(0), a.data_ptr<at::BFloat16>(), a.stride(0), out.data_ptr<float>(), out.stride(0),
+                 accumulate);
+      return;
+    }
+    // A bfloat16 `out` (the projected LSTM output): one rounding of the float32 product.
+    at::Tensor y = at::empty({a.size(0), bf16_->n()}, a.options().dtype(at::kFloat));
+    bf16_->run(a.size(0), a.data_ptr<at::BFloat16>(), a.stride(0), y.data_ptr<float>(), y.stride(0), false);
+    if (accumulate) {
+      out.add_(y);
+    } else {
+      out.copy_(y);
+    }
+    return;
+  }
   if (out.scalar_type() != weight_.scalar_type()) {
     // A float32 `out` for bfloat16 operands (the running state gradients of the bf16 backward): the
     // product comes back in bfloat16 (float32 accumulation inside the GEMM) and is added in float32.

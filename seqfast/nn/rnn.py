@@ -46,13 +46,17 @@ def _needs_grad(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# Read once: torch.compile refuses to trace torch.backends.mkldnn.is_available() (a skipped function).
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
+
 def _torch_lstm_runs_onednn_bf16(input) -> bool:
     """Whether torch.nn.LSTM would run oneDNN's RNN primitive in bfloat16 on this unpacked input
     without projections: under bfloat16 CPU autocast with oneDNN built in and enabled (the condition
     of ATen's use_mkldnn, which looks at the float32 input autocast has not cast yet)."""
     return (_cpu_autocast_dtype() == torch.bfloat16 and input.device.type == "cpu"
             and input.dtype in (torch.float32, torch.bfloat16) and input.numel() > 0
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+            and _HAS_ONEDNN and torch.backends.mkldnn.enabled)
 
 
 class _FusedRNNBase(nn.RNNBase):
