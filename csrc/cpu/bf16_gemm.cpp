@@ -17,6 +17,7 @@ namespace {
 constexpr int64_t kBlockN = 32;
 constexpr int64_t kBlockM = 32;
 constexpr int64_t kPadN = 16;
+constexpr int64_t kMinRows = 256;  // see bf16_gemm_supports
 
 }  // namespace
 
@@ -29,13 +30,13 @@ bool bf16_gemm_available() {
   return available;
 }
 
-bool bf16_gemm_supports(const at::Tensor& weight) {
+bool bf16_gemm_supports(const at::Tensor& weight, int64_t total_rows) {
   return weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && weight.size(1) % 2 == 0 &&
-         weight.numel() > 0 && bf16_gemm_available();
+         weight.numel() > 0 && total_rows >= kMinRows && bf16_gemm_available();
 }
 
 Bf16Gemm::Bf16Gemm(const at::Tensor& weight) : n_(weight.size(0)), k_(weight.size(1)) {
-  TORCH_INTERNAL_ASSERT(bf16_gemm_supports(weight));
+  TORCH_INTERNAL_ASSERT(bf16_gemm_supports(weight, kMinRows));
   // oneDNN packs column blocks of 16 or 32 only (measured: 8 fails, any even k works), so W^T is
   // zero-padded to a multiple of 16 columns; run() keeps the padding out of the result.
   const int64_t n_pad = (n_ + kPadN - 1) / kPadN * kPadN;

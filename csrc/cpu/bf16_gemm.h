@@ -18,14 +18,16 @@ namespace cpu {
 // Whether this CPU and torch build run the bf16 micro-kernel (and SEQFAST_DISABLE_BRGEMM is not set).
 bool bf16_gemm_available();
 
-// Whether Bf16Gemm takes this (n, k) bfloat16 weight: the micro-kernel is available and k is even
-// (the VNNI layout pairs k; oneDNN refuses to pack an odd k: "could not create a BRGeMM ukernel
-// packing B object").
-bool bf16_gemm_supports(const at::Tensor& weight);
+// Whether Bf16Gemm takes this (n, k) bfloat16 weight for a call that runs `total_rows` rows through it:
+// the micro-kernel is available, k is even (the VNNI layout pairs k; oneDNN refuses to pack an odd k:
+// "could not create a BRGeMM ukernel packing B object"), and enough rows pay for packing the weight
+// (~3 ns per element: an LSTMCell step at B=1, H=256 under autocast took 2.1 ms with it, 0.55 ms
+// without; per row the micro-kernel saves ~0.01 ns per weight element over at::mm, so >= 256 rows).
+bool bf16_gemm_supports(const at::Tensor& weight, int64_t total_rows);
 
 class Bf16Gemm {
  public:
-  // weight: (n, k) bfloat16, any strides, bf16_gemm_supports(weight). Packs W^T once.
+  // weight: (n, k) bfloat16, any strides, as bf16_gemm_supports allows. Packs W^T once.
   explicit Bf16Gemm(const at::Tensor& weight);
 
   // c[r, :] (+)= a[r, :] @ W^T (+ bias) for r < rows. a: bf16 rows lda apart; c: float32 rows ldc apart;
