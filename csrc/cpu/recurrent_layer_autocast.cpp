@@ -27,6 +27,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "../recurrent_layer_op.h"
+
 #include <optional>
 #include <tuple>
 
@@ -37,16 +39,6 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
-using ForwardSignature = Outputs(const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-                                 const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                                 const OptTensor&, int64_t, bool, bool);
-
-const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("seqfast::recurrent_layer_forward", "")
-                             .typed<ForwardSignature>();
-  return op;
-}
 
 // Only float32 and bfloat16 take part; a float64 argument keeps the whole call in its dtypes (autocast
 // never casts float64, and the kernel wants one dtype).
@@ -64,8 +56,8 @@ Outputs recurrent_layer_forward_autocast(const Tensor& input, const OptTensor& b
   const bool all_castable = castable(input) && castable(hx) && castable(cx) && castable(w_ih) &&
                             castable(w_hh) && castable(b_ih) && castable(b_hh) && castable(w_hr);
   if (low != at::kBFloat16 || !all_castable) {
-    return forward_op().call(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse,
-                             training);
+    return recurrent_forward_op().call(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode,
+                                       reverse, training);
   }
   const auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(low, t, c10::DeviceType::CPU); };
   const auto cast_opt = [&](const OptTensor& t) -> OptTensor {
@@ -75,8 +67,8 @@ Outputs recurrent_layer_forward_autocast(const Tensor& input, const OptTensor& b
   // hy, cy and their gradients in their own dtypes, so float32 ones are not rounded to bfloat16 on the
   // way in or out (torch's generic cells keep a float32 state float32 too).
   auto [output, hy, cy, workspace] =
-      forward_op().call(cast(input), batch_sizes, hx, cx, cast(w_ih), cast(w_hh), b_ih, b_hh,
-                        cast_opt(w_hr), mode, reverse, training);
+      recurrent_forward_op().call(cast(input), batch_sizes, hx, cx, cast(w_ih), cast(w_hh), b_ih, b_hh,
+                                  cast_opt(w_hr), mode, reverse, training);
   // The dtypes torch.nn's generic cells give (see the top of this file).
   if (mode == 0) {
     const at::ScalarType c_dtype = at::promote_types(cx->scalar_type(), low);
