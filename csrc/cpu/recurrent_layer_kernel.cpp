@@ -578,7 +578,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
 
   const Tensor x = input.reshape({N, d.I});
   const Tensor gx = cpu::input_projection(x, w_ih, b_ih);  // (N, G*H) in A: every step's x W_ih^T + b_ih
-  const Tensor bias_hh = b_hh.has_value() ? b_hh->to(acc_opts.dtype()).contiguous() : at::zeros({GH}, acc_opts);
+  const Tensor bias_hh =
+      b_hh.has_value() ? b_hh->to(acc_opts.dtype()).contiguous() : at::zeros({GH}, acc_opts);
 
   Tensor output = empty_buffer({N, P}, opts);
   // The recurrent state is the next step's GEMM operand: in T (hx may be float32 for bfloat16, autocast).
@@ -671,7 +672,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
     sizes.back() = P;
     return sizes;
   }();
-  // cy in cx's dtype: float32 cx of a bfloat16 layer (autocast) is never rounded to bfloat16.
   // hy and cy in hx's and cx's dtypes: float32 states of a bfloat16 layer (autocast) come back float32
   // (cy never rounded to bfloat16: the cell state is float32 throughout).
   return {output.view(out_shape), h_state.to(hx.scalar_type()),
@@ -682,9 +682,8 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
     const Tensor& grad_output, const Tensor& grad_hy, const OptTensor& grad_cy, const Tensor& input,
     const Schedule& s, const LayerDims& d, const Tensor& hx, const OptTensor& cx, const Tensor& w_ih,
-    const Tensor& w_hh,
-    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& output,
-    const Tensor& ws, bool reverse, bool input_grad) {
+    const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+    const Tensor& output, const Tensor& ws, bool reverse, bool input_grad) {
   using A = acc_t<T>;
   const int64_t N = s.tokens, H = d.H, P = d.P, GH = d.G * d.H, B = d.B;
   const auto opts = input.options();
@@ -712,7 +711,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const bool bias_rows = kBiasRows<T>;
   Tensor db_i = bias_rows ? at::zeros({B, GH}, acc_opts) : Tensor();
   Tensor db_h = bias_rows && is_gru ? at::zeros({B, GH}, acc_opts) : db_i;
-  const auto bias_row_ptr = [&](const Tensor& t, int64_t r0) { return t.defined() ? t.data_ptr<A>() + r0 * GH : nullptr; };
+  const auto bias_row_ptr = [&](const Tensor& t, int64_t r0) {
+    return t.defined() ? t.data_ptr<A>() + r0 * GH : nullptr;
+  };
 
   RowGemm recurrent_t(w_hh.t(), B, N);  // dh_prev = dgh @ W_hh
   std::optional<RowGemm> projection_t;
