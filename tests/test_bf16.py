@@ -284,6 +284,31 @@ def test_bfloat16_module_fused_and_accurate(kind, packed, bidir, monkeypatch):
     assert_within_torch_error(grads_s, grads_t, grads64, "gradients")
 
 
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_bfloat16_cell_fused_and_accurate(kind, monkeypatch):
+    torch.manual_seed(0)
+    ref, ours = twins(kind, input_size=I, hidden_size=H_CELL)
+    ref, ours = ref.bfloat16(), ours.bfloat16()
+    x = torch.randn(B, I).bfloat16()
+    hx = (torch.randn(B, H_CELL).bfloat16(), torch.randn(B, H_CELL).bfloat16()) if kind == "LSTMCell" \
+        else torch.randn(B, H_CELL).bfloat16()
+    ref64 = type(ref)(**module_kwargs(ref)).double()
+    ref64.load_state_dict(ref.state_dict())
+    hx64 = tuple(h.double() for h in hx) if isinstance(hx, tuple) else hx.double()
+    with torch.no_grad():
+        outs64, _ = run_cell(ref64, x.double(), hx64)
+    grads = cotangents(outs64, seed=4)
+    outs64, grads64 = run_cell(ref64, x.double(), hx64, grads)
+    outs_t, grads_t = run_cell(ref, x, hx, grads)
+    # The fused kernel, not torch's: fail if the cell delegates to torch.nn's forward.
+    monkeypatch.setattr(getattr(torch.nn, kind), "forward",
+                        lambda *a, **k: pytest.fail("bfloat16 cell was delegated to torch"))
+    outs_s, grads_s = run_cell(ours, x, hx, grads)
+    assert all(o.dtype == BF16 for o in outs_s)
+    assert_within_torch_error(outs_s, outs_t, outs64, "outputs")
+    assert_within_torch_error(grads_s, grads_t, grads64, "gradients")
+
+
 def test_float16_cpu_is_delegated():
     """float16 on the CPU (modules cast with .half(), and float16 autocast) runs torch's own path."""
     torch.manual_seed(0)
