@@ -238,19 +238,28 @@ def run_cell(module, x, hx, grads=None):
     return outs, list(torch.autograd.grad(loss, [x] + states + list(module.parameters())))
 
 
-@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
-def test_autocast_cell_accuracy_within_2x_torch(kind):
+def cell_case(kind, dtype, seed):
+    """Cell twins in `dtype`, input, state, the upstream gradients and the float64 reference's
+    outputs and gradients."""
     torch.manual_seed(0)
     ref, ours = twins(kind, input_size=I, hidden_size=H_CELL)
-    x = torch.randn(B, I)
-    hx = (torch.randn(B, H_CELL), torch.randn(B, H_CELL)) if kind == "LSTMCell" else torch.randn(B, H_CELL)
+    ref, ours = ref.to(dtype), ours.to(dtype)
+    x = torch.randn(B, I).to(dtype)
+    hx = tuple(torch.randn(B, H_CELL).to(dtype) for _ in range(2 if kind == "LSTMCell" else 1))
+    hx = hx if kind == "LSTMCell" else hx[0]
     ref64 = type(ref)(**module_kwargs(ref)).double()
     ref64.load_state_dict(ref.state_dict())
     hx64 = tuple(h.double() for h in hx) if isinstance(hx, tuple) else hx.double()
     with torch.no_grad():
         outs64, _ = run_cell(ref64, x.double(), hx64)
-    grads = cotangents(outs64, seed=2)
+    grads = cotangents(outs64, seed=seed)
     outs64, grads64 = run_cell(ref64, x.double(), hx64, grads)
+    return ref, ours, x, hx, grads, outs64, grads64
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_autocast_cell_accuracy_within_2x_torch(kind):
+    ref, ours, x, hx, grads, outs64, grads64 = cell_case(kind, torch.float32, seed=2)
     with autocast():
         outs_t, grads_t = run_cell(ref, x, hx, grads)
         outs_s, grads_s = run_cell(ours, x, hx, grads)
@@ -286,19 +295,7 @@ def test_bfloat16_module_fused_and_accurate(kind, packed, bidir, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
 def test_bfloat16_cell_fused_and_accurate(kind, monkeypatch):
-    torch.manual_seed(0)
-    ref, ours = twins(kind, input_size=I, hidden_size=H_CELL)
-    ref, ours = ref.bfloat16(), ours.bfloat16()
-    x = torch.randn(B, I).bfloat16()
-    hx = (torch.randn(B, H_CELL).bfloat16(), torch.randn(B, H_CELL).bfloat16()) if kind == "LSTMCell" \
-        else torch.randn(B, H_CELL).bfloat16()
-    ref64 = type(ref)(**module_kwargs(ref)).double()
-    ref64.load_state_dict(ref.state_dict())
-    hx64 = tuple(h.double() for h in hx) if isinstance(hx, tuple) else hx.double()
-    with torch.no_grad():
-        outs64, _ = run_cell(ref64, x.double(), hx64)
-    grads = cotangents(outs64, seed=4)
-    outs64, grads64 = run_cell(ref64, x.double(), hx64, grads)
+    ref, ours, x, hx, grads, outs64, grads64 = cell_case(kind, BF16, seed=4)
     outs_t, grads_t = run_cell(ref, x, hx, grads)
     # The fused kernel, not torch's: fail if the cell delegates to torch.nn's forward.
     monkeypatch.setattr(getattr(torch.nn, kind), "forward",
