@@ -1,9 +1,15 @@
-"""seqfast.nn vs torch.nn recurrent layers on CPU, fp32, same process, inputs and weights.
+"""seqfast.nn vs torch.nn recurrent layers on CPU, same process, inputs and weights: float32, and
+bfloat16 under torch.autocast (--precision).
 
     python benchmarks/bench_rnn.py               # everything (~15 min on 2 cores)
     python benchmarks/bench_rnn.py --quick       # < 1 min: small configs, 11 repeats
     python benchmarks/bench_rnn.py --cells lstm --configs canonical --modes training
     python benchmarks/bench_rnn.py --no-onnxruntime  # without the onnxruntime column of inference rows
+    python benchmarks/bench_rnn.py --precision autocast,autocast-vs-fp32   # bf16 (issue 9)
+
+--precision: fp32 (default), autocast (both under torch.autocast("cpu", dtype=torch.bfloat16)),
+autocast-vs-fp32 (seqfast under autocast, torch.nn in float32); a comma list runs several.
+The onnxruntime column (float32 inference rows only) needs onnxruntime installed.
 
 --quick runs seed-stock, small, nmt-enc and cell-step with 11 repeats, 2 warm-ups
 and shorter samples; --configs/--repeats/--warmup still override it. A measurement
@@ -42,6 +48,8 @@ def main(argv=None):
     p.add_argument("--configs", type=_list(list(common.RNN_CONFIGS)),
                    help="comma list of " + ",".join(common.RNN_CONFIGS))
     p.add_argument("--modes", type=_list(list(common.MODES)), help="comma list of inference,training")
+    p.add_argument("--precision", type=_list(list(common.PRECISIONS)), default=["fp32"],
+                   help="comma list of " + ",".join(common.PRECISIONS) + " (default fp32)")
     p.add_argument("--repeats", type=int, help="timed samples per implementation (default 21, quick 11)")
     p.add_argument("--warmup", type=int, help="untimed calls per implementation (default 3, quick 2)")
     p.add_argument("--json", default=os.path.join(HERE, "results", "bench_rnn.json"),
@@ -67,7 +75,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     rows = common.run_rnn_benchmarks(quick=args.quick, cells=args.cells, configs=args.configs,
                                      modes=args.modes, repeats=args.repeats, warmup=args.warmup,
-                                     impl=impl, onnxruntime=args.onnxruntime)
+                                     impl=impl, precisions=args.precision,
+                                     onnxruntime=args.onnxruntime)
     elapsed = time.perf_counter() - t0
     meta.update(quick=args.quick, elapsed_s=round(elapsed, 1), argv=sys.argv[1:])
     common.write_json(rows, args.json, meta)

@@ -10,6 +10,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "recurrent_layer_op.h"
+
 #include <algorithm>
 #include <optional>
 #include <tuple>
@@ -22,20 +24,12 @@ using OptTensor = std::optional<Tensor>;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using ForwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
-    const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool, bool);
 using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&,
     const OptTensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, const Tensor&, const Tensor&, int64_t, bool, bool);
 
-const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("seqfast::recurrent_layer_forward", "")
-                             .typed<ForwardSignature>();
-  return op;
-}
+const c10::TypedOperatorHandle<RecurrentForwardSignature>& forward_op() { return recurrent_forward_op(); }
 
 const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
   static const auto op = c10::Dispatcher::singleton()

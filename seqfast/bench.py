@@ -6,6 +6,8 @@ and writes JSON and a PNG bar chart of the speedups.
 
     python -m seqfast.bench            # every config, attention peak memory included (~8 min on 2 cores)
     python -m seqfast.bench --quick    # small recurrent configs, attention timing only, < 1 min
+    python -m seqfast.bench --bf16     # adds the recurrent layers under bfloat16 autocast: seqfast vs
+                                       # torch.nn both under autocast, and vs torch.nn in float32
 """
 import argparse
 import os
@@ -44,6 +46,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m seqfast.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small configs and few repeats (< 1 min)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time the recurrent layers under torch.autocast('cpu', bfloat16)")
     p.add_argument("--out", default="seqfast-bench", help="output folder (default ./seqfast-bench)")
     p.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false",
                    help="skip the onnxruntime column of the inference rows (on when it is installed)")
@@ -53,7 +57,9 @@ def main(argv=None):
     print(f"seqfast {meta.get('seqfast_version')} | torch {meta['torch_version']} | "
           f"{meta['torch_threads']} threads | {meta['cpu_model']}", file=sys.stderr)
     start = time.perf_counter()
-    rows = benchmarking.run_rnn_benchmarks(quick=args.quick, impl="seqfast.nn", onnxruntime=args.onnxruntime)
+    precisions = ("fp32", "autocast", "autocast-vs-fp32") if args.bf16 else ("fp32",)
+    rows = benchmarking.run_rnn_benchmarks(quick=args.quick, impl="seqfast.nn", precisions=precisions,
+                                           onnxruntime=args.onnxruntime)
     print("attention ...", file=sys.stderr)
     attention_rows = attention_benchmark.run(attention_benchmark.SCORES,
                                              list(attention_benchmark.CONFIGS), quick=args.quick,
@@ -66,7 +72,7 @@ def main(argv=None):
     png_path = os.path.join(args.out, "speedups.png")
     benchmarking.write_json(rows, json_path, meta)
     benchmarking.write_json(attention_rows, attention_json, meta)
-    bars = [{"label": f"{r['cell']} {r['config']} {r['mode']}", "speedup": r["speedup"]}
+    bars = [{"label": f"{r['cell']} {r['config']} {benchmarking._mode_text(r)}", "speedup": r["speedup"]}
             for r in rows if not r.get("error")]
     bars += [{"label": f"Attention {r['score']} Tq={r['Tq']} {r['mode']}",
               "speedup": r["speedup_vs_reference"]} for r in attention_rows]

@@ -5,7 +5,7 @@ Depends on torch and the standard library only. `benchmarks/bench_rnn.py` and
 `python -m seqfast.bench` are CLIs on top of this.
 
 Public API:
-    run_rnn_benchmarks(quick, cells, configs, modes, repeats, warmup, impl) -> list[dict]
+    run_rnn_benchmarks(quick, cells, configs, modes, repeats, warmup, impl, precisions) -> list[dict]
     markdown_table(rows) -> str
     machine_info(impl) -> dict
     write_json(rows, path, meta)
@@ -46,6 +46,12 @@ CELL_CONFIG = "cell-step"
 QUICK_CONFIGS = ("seed-stock", "small", "nmt-enc", "cell-step")
 KINDS = {"lstm": ("LSTM", "LSTMCell"), "gru": ("GRU", "GRUCell"), "rnn": ("RNN", "RNNCell")}
 MODES = ("inference", "training")
+# Which side runs under torch.autocast("cpu", dtype=torch.bfloat16) (float32 modules and inputs, the
+# way a user turns bf16 on): (torch.nn, seqfast).
+#   fp32              neither: the float32 comparison
+#   autocast          both: seqfast's bf16 kernels vs torch.nn's own bf16 paths
+#   autocast-vs-fp32  seqfast only: what autocast buys over torch.nn in float32
+PRECISIONS = {"fp32": (False, False), "autocast": (True, True), "autocast-vs-fp32": (False, True)}
 
 # (repeats, warmup, min_sample_s, max_time_s): a sample repeats the call until it
 # lasts at least min_sample_s, because perf_counter around one ~10 us call is
@@ -130,6 +136,7 @@ def _tensors(out):
 
 
 def _diffs(xs, ys):
+    xs, ys = [x.float() for x in xs], [y.float() for y in ys]  # bf16 vs fp32 under autocast
     """(max abs diff, max of abs diff / max |x|) over paired tensors.
 
     The relative figure matters for gradients: a weight gradient summed over
@@ -160,37 +167,43 @@ def _inputs(cfg, cls_name, is_cell):
     return (x,)  # zero initial state, the common encoder case
 
 
-def _step(mod, args, mode):
+def _step(mod, args, mode, bf16_autocast=False):
+    def call():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+            return mod(*args)
+
     if mode == "inference":
         def step():
             with torch.no_grad():
-                return mod(*args)
+                return call()
     else:
         def step():
             mod.zero_grad(set_to_none=True)
-            out = mod(*args)
+            out = call()
             # output.sum() + h_n.sum() (+ c_n.sum()): every output gets a gradient.
-            sum(t.sum() for t in _tensors(out)).backward()
+            sum(t.float().sum() for t in _tensors(out)).backward()
             return out
     return step
 
 
-def _row_base(kind, config, mode):
+def _row_base(kind, config, mode, precision="fp32"):
     cfg, is_cell = RNN_CONFIGS[config], config == CELL_CONFIG
     return {"cell": KINDS[kind][1 if is_cell else 0], "config": config, "mode": mode,
-            "T": None if is_cell else cfg.T, "B": cfg.B, "I": cfg.I, "H": cfg.H,
-            "packed": cfg.packed, "error": None}
+            "precision": precision, "T": None if is_cell else cfg.T, "B": cfg.B, "I": cfg.I,
+            "H": cfg.H, "packed": cfg.packed, "error": None}
 
 
-def _measure(kind, config, mode, impl, repeats, warmup, min_sample_s, max_time_s, onnxruntime=False):
-    row = _row_base(kind, config, mode)
+def _measure(kind, config, mode, impl, repeats, warmup, min_sample_s, max_time_s, precision="fp32",
+             onnxruntime=False):
+    row = _row_base(kind, config, mode, precision)
     cfg, is_cell, cls_name = RNN_CONFIGS[config], config == CELL_CONFIG, row["cell"]
     torch.manual_seed(0)
     ref = getattr(torch.nn, cls_name)(cfg.I, cfg.H)
     new = getattr(impl, cls_name)(cfg.I, cfg.H)
     new.load_state_dict(ref.state_dict())  # strict: also checks the keys match
     args = _inputs(cfg, cls_name, is_cell)
-    steps = [_step(ref, args, mode), _step(new, args, mode)]
+    ref_autocast, new_autocast = PRECISIONS[precision]
+    steps = [_step(ref, args, mode, ref_autocast), _step(new, args, mode, new_autocast)]
 
     # Correctness sanity check, one call each (doubles as the first warm-up).
     out_ref, out_new = steps[0](), steps[1]()
@@ -201,7 +214,7 @@ def _measure(kind, config, mode, impl, repeats, warmup, min_sample_s, max_time_s
         diff_grad, rel_grad = _diffs(*grads)
 
     ort_step = None
-    if onnxruntime and mode == "inference":  # the onnxruntime column (seqfast/ort_benchmark.py)
+    if onnxruntime and mode == "inference" and precision == "fp32":  # the onnxruntime column (seqfast/ort_benchmark.py)
         from . import ort_benchmark
         ort_step = ort_benchmark.contestant(row, ref, args, _tensors(out_ref), cfg.packed)
     if ort_step is None:
@@ -230,13 +243,14 @@ def _measure(kind, config, mode, impl, repeats, warmup, min_sample_s, max_time_s
 
 def run_rnn_benchmarks(quick=False, cells=None, configs=None, modes=None,
                        repeats=None, warmup=None, impl="seqfast.nn", progress=sys.stderr,
-                       onnxruntime=False):
+                       precisions=("fp32",), onnxruntime=False):
     """Benchmark torch.nn vs `impl` (a module or its name); one dict per measurement.
 
-    Defaults: all cells, all configs (QUICK_CONFIGS when quick), both modes,
-    repeats/warmup/time caps from FULL_SETTINGS / QUICK_SETTINGS. onnxruntime=True adds the
-    onnxruntime contestant to the inference rows (seqfast/ort_benchmark.py). A failing measurement
-    yields a row with "error" set instead of aborting the whole run.
+    Defaults: all cells, all configs (QUICK_CONFIGS when quick), both modes, float32 only
+    (`precisions`: keys of PRECISIONS), repeats/warmup/time caps from FULL_SETTINGS /
+    QUICK_SETTINGS. onnxruntime=True adds the onnxruntime contestant to the float32 inference rows
+    (seqfast/ort_benchmark.py). A failing measurement yields a row with "error" set instead of
+    aborting the whole run.
     """
     if isinstance(impl, str):
         impl = load_impl(impl, cells or tuple(KINDS))
@@ -247,14 +261,14 @@ def run_rnn_benchmarks(quick=False, cells=None, configs=None, modes=None,
     configs = list(configs or (QUICK_CONFIGS if quick else RNN_CONFIGS))
     modes = list(modes or MODES)
 
-    jobs = [(k, c, m) for k in cells for c in configs for m in modes]
+    jobs = [(k, c, m, p) for p in precisions for k in cells for c in configs for m in modes]
     rows = []
-    for n, (kind, config, mode) in enumerate(jobs, 1):
+    for n, (kind, config, mode, precision) in enumerate(jobs, 1):
         try:
             row = _measure(kind, config, mode, impl, repeats, warmup, min_sample_s, max_time_s,
-                           onnxruntime)
+                           precision, onnxruntime)
         except Exception as e:  # the library under test may still be incomplete
-            row = _row_base(kind, config, mode)
+            row = _row_base(kind, config, mode, precision)
             row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)
         if progress is not None:
@@ -268,8 +282,13 @@ def _fmt_time(seconds, unit, digits=4):
     return f"{seconds * (1e6 if unit == 'us' else 1e3):.{digits}g}"
 
 
+def _mode_text(row):
+    p = row.get("precision", "fp32")
+    return row["mode"] if p == "fp32" else f"{row['mode']} ({p})"
+
+
 def _describe(row):
-    head = f"{row['cell']:<8} {row['config']:<16} {row['mode']:<9}"
+    head = f"{row['cell']:<8} {row['config']:<16} {_mode_text(row):<9}"
     if row.get("error"):
         return f"{head} ERROR {row['error'].splitlines()[0]}"
     u = row["unit"]
@@ -288,7 +307,8 @@ def _shape(row):
 def markdown_table(rows):
     """Markdown table: medians with interquartile ranges, speedup = torch / seqfast.
 
-    The diff columns cover the outputs and, in training, the parameter gradients.
+    The diff columns cover the outputs and, in training, the parameter gradients. A mode in
+    parentheses names the precision (PRECISIONS): "(autocast)" compares both under bf16 autocast.
     """
     lines = [
         "| cell | config | mode | unit | torch | torch IQR | seqfast | seqfast IQR | speedup "
@@ -298,13 +318,13 @@ def markdown_table(rows):
     for r in rows:
         cfg = f"{r['config']} ({_shape(r)})"
         if r.get("error"):
-            lines.append(f"| {r['cell']} | {cfg} | {r['mode']} | | | | | | | "
+            lines.append(f"| {r['cell']} | {cfg} | {_mode_text(r)} | | | | | | | "
                          f"| error: {r['error'].splitlines()[0][:80]} |")
             continue
         u = r["unit"]
         unit = "µs" if u == "us" else "ms"
         lines.append(
-            f"| {r['cell']} | {cfg} | {r['mode']} | {unit} "
+            f"| {r['cell']} | {cfg} | {_mode_text(r)} | {unit} "
             f"| {_fmt_time(r['torch_s'], u)} | {_fmt_time(r['torch_iqr_s'], u, 2)} "
             f"| {_fmt_time(r['seqfast_s'], u)} | {_fmt_time(r['seqfast_iqr_s'], u, 2)} "
             f"| {r['speedup']:.2f}x | {r['max_abs_diff']:.1e} | {r['max_rel_diff']:.1e} |")

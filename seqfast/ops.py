@@ -42,8 +42,8 @@ def _recurrent_layer_forward_fake(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, 
 def _recurrent_layer_backward_fake(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w_ih,
                                    w_hh, b_ih, b_hh, w_hr, output, workspace, mode, reverse,
                                    input_grad=True):
-    def like(t):
-        return input.new_empty(t.shape) if t is not None else input.new_empty((0,))
+    def like(t):  # a gradient has its tensor's dtype (float32 biases of a bfloat16 layer: float32)
+        return t.new_empty(t.shape) if t is not None else input.new_empty((0,))
 
     return (like(input if input_grad else None), like(hx), like(cx), like(w_ih), like(w_hh), like(b_ih), like(b_hh),
             like(w_hr))

@@ -435,43 +435,55 @@ def test_dropout_attribute_change_takes_effect(kind):
 
 
 # ---------------------------------------------------------------------------------------------------
-# bfloat16: delegated to torch's own implementation
+# bfloat16: the fused kernels (float32 gates inside); more in tests/test_bf16.py
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("input_kind", ["padded", "packed_unsorted"])
 @pytest.mark.parametrize("kind", CELL_KINDS)
-def test_bfloat16_delegation(kind, input_kind):
+def test_bfloat16_accuracy(kind, input_kind):
     """seqfast in bfloat16 runs (forward and backward) and its error against a float64 reference is at
-    most twice torch.nn's own bfloat16 error (plus one bf16 ulp at 1.0 to absorb rounding ties)."""
-    ref64, _ = make_module_pair(kind, INPUT_SIZE, HIDDEN_SIZE, torch.float64, num_layers=2, bidirectional=True)
-    ref_bf, sf_bf = make_module_pair(kind, INPUT_SIZE, HIDDEN_SIZE, torch.bfloat16, num_layers=2, bidirectional=True)
-    # all three share the same (bf16-representable) parameters
-    ref64.load_state_dict({k: v.double() for k, v in ref_bf.state_dict().items()})
-    spec64 = InputSpec(input_kind, T, B, INPUT_SIZE, False, torch.float64)
-    spec_bf = InputSpec(input_kind, T, B, INPUT_SIZE, False, torch.bfloat16)
-    spec64.data = spec_bf.data.double()
-    hx_bf = make_hidden(kind, ref_bf, B, True, torch.bfloat16)
-    hx64 = tuple(None if h is None else h.detach().double() for h in hx_bf)
+    most twice torch.nn's own bfloat16 error (plus one bf16 ulp at 1.0 to absorb rounding ties).
 
-    r64 = run_forward_backward(kind, ref64, spec64, hx64)
-    r_ref = run_forward_backward(kind, ref_bf, spec_bf, hx_bf)
-    r_sf = run_forward_backward(kind, sf_bf, spec_bf, hx_bf, grads_from=r_ref)
-    assert r_sf.output.dtype == torch.bfloat16
+    RNN_RELU: relu's derivative jumps at 0, so wherever a pre-activation lies within bfloat16 rounding
+    of 0 either implementation may take the other branch than float64 and be off by a whole gradient
+    term there (max errors of 0.1-0.5 for torch and seqfast alike, which one is worse being luck). Its
+    errors are therefore summed over several seeds (weights and initial states) before comparing."""
+    seeds = range(6) if kind == "RNN_RELU" else range(1)
+    totals = {}
+    for seed in seeds:
+        ref64, _ = make_module_pair(kind, INPUT_SIZE, HIDDEN_SIZE, torch.float64, seed=seed, num_layers=2,
+                                    bidirectional=True)
+        ref_bf, sf_bf = make_module_pair(kind, INPUT_SIZE, HIDDEN_SIZE, torch.bfloat16, seed=seed,
+                                         num_layers=2, bidirectional=True)
+        # all three share the same (bf16-representable) parameters
+        ref64.load_state_dict({k: v.double() for k, v in ref_bf.state_dict().items()})
+        spec64 = InputSpec(input_kind, T, B, INPUT_SIZE, False, torch.float64)
+        spec_bf = InputSpec(input_kind, T, B, INPUT_SIZE, False, torch.bfloat16)
+        spec64.data = spec_bf.data.double()
+        hx_bf = make_hidden(kind, ref_bf, B, True, torch.bfloat16, seed=99 + seed)
+        hx64 = tuple(None if h is None else h.detach().double() for h in hx_bf)
+
+        r64 = run_forward_backward(kind, ref64, spec64, hx64)
+        r_ref = run_forward_backward(kind, ref_bf, spec_bf, hx_bf)
+        r_sf = run_forward_backward(kind, sf_bf, spec_bf, hx_bf, grads_from=r_ref)
+        assert r_sf.output.dtype == torch.bfloat16
+
+        pairs = [("output", r_ref.output, r_sf.output, r64.output), ("h_n", r_ref.h_n, r_sf.h_n, r64.h_n)]
+        if kind == "LSTM":
+            pairs.append(("c_n", r_ref.c_n, r_sf.c_n, r64.c_n))
+        for name in r_ref.grads:
+            pairs.append((f"grad {name}", r_ref.grads[name], r_sf.grads[name], r64.grads[name]))
+        for name, a_ref, a_sf, a64 in pairs:
+            assert a_sf is not None, name
+            assert a_sf.dtype == torch.bfloat16, name
+            assert torch.isfinite(a_sf).all(), name
+            e_torch = (a_ref.double() - a64).abs().max().item()
+            e_sf = (a_sf.double() - a64).abs().max().item()
+            t_sum, s_sum = totals.get(name, (0.0, 0.0))
+            totals[name] = (t_sum + e_torch, s_sum + e_sf)
     ulp = 2.0 ** -7
-
-    def err(a, b):
-        return (a.double() - b.double()).abs().max().item()
-
-    pairs = [("output", r_ref.output, r_sf.output, r64.output), ("h_n", r_ref.h_n, r_sf.h_n, r64.h_n)]
-    if kind == "LSTM":
-        pairs.append(("c_n", r_ref.c_n, r_sf.c_n, r64.c_n))
-    for name in r_ref.grads:
-        pairs.append((f"grad {name}", r_ref.grads[name], r_sf.grads[name], r64.grads[name]))
-    for name, a_ref, a_sf, a64 in pairs:
-        assert a_sf is not None, name
-        assert a_sf.dtype == torch.bfloat16, name
-        assert torch.isfinite(a_sf).all(), name
-        e_torch, e_sf = err(a_ref, a64), err(a_sf, a64)
-        assert e_sf <= 2 * e_torch + ulp, f"{name}: seqfast bf16 error {e_sf} vs torch bf16 error {e_torch}"
+    for name, (e_torch, e_sf) in totals.items():
+        assert e_sf <= 2 * e_torch + ulp * len(seeds), \
+            f"{name}: seqfast bf16 error {e_sf} vs torch bf16 error {e_torch} (summed over {len(seeds)} seeds)"
 
 
 # ---------------------------------------------------------------------------------------------------

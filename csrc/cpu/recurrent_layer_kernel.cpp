@@ -8,11 +8,14 @@
 // Padded input is treated as packed input with every batch size equal to B, so there is one code path
 // and packed sequences cost no work on padding: step t touches rows [0, batch[t]) only.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "buffers.h"
@@ -30,8 +33,9 @@ namespace {
 using at::Tensor;
 
 void check_cpu_dtype(const Tensor& input) {
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
-              "seqfast: the fused CPU kernels support float32 and float64, got ", input.scalar_type());
+  const auto st = input.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
+              "seqfast: the fused CPU kernels support float32, float64 and bfloat16, got ", st);
 }
 
 // Rows per parallel chunk: at least at::internal::GRAIN_SIZE (32768) gate elements, torch's own
@@ -44,43 +48,53 @@ T* rows_of(const Tensor& t, int64_t row, int64_t width) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Storage type T and compute type A = at::opmath_type<T>: float for bfloat16, T itself for float and
+// double. One loop for every dtype (ATen's convention): everything that is a GEMM operand, an output
+// or saved for the backward is stored in T; the gate pre-activations, the LSTM cell state and the
+// backward's running state gradients (dh, dc) are A, and every gate pass converts on the fly. For
+// float/double the conversions are no-ops and the passes are the float32/float64 ones unchanged.
+//
 // Fused pointwise passes over rows [b0, b1) of one step. Every pointer is the step's row 0; row b of an
 // (rows, w) matrix is at +b*w. `Save` selects whether the activations for the backward are stored.
 
 template <typename T>
+using acc_t = at::opmath_type<T>;
+
+template <typename T>
 struct LstmForwardStep {
-  const T* gx;    // (bs, 4H) x W_ih^T + b_ih
-  const T* gh;    // (bs, 4H) h_prev W_hh^T
-  const T* b_hh;  // (4H)
-  T* c;           // (B, H) cell state, updated in place
-  T* h;           // (bs, H) o*tanh(c'): output rows, or the h_unproj rows when projecting
-  T* act;         // (bs, 4H) saved i, f, g, o
-  T* tanh_c;      // (bs, H) saved tanh(c')
-  T* c_prev;      // (bs, H) saved c
+  const acc_t<T>* gx;  // (bs, 4H) x W_ih^T + b_ih (compute type: the GEMMs return float for bf16)
+  const acc_t<T>* gh;  // (bs, 4H) h_prev W_hh^T
+  const acc_t<T>* b_hh;  // (4H) in the compute type
+  acc_t<T>* c;       // (B, H) cell state, updated in place (compute type)
+  T* h;              // (bs, H) o*tanh(c'): output rows, or the h_unproj rows when projecting
+  T* act;            // (bs, 4H) saved i, f, g, o
+  T* tanh_c;         // (bs, H) saved tanh(c')
+  T* c_prev;         // (bs, H) saved c
 };
 
 // The per-row loops take __restrict pointer parameters (GCC ignores restrict on locals), so each
 // inner loop vectorizes without alias checks.
-template <typename T, bool Save>
+template <typename T, bool Save, typename A = acc_t<T>>
 SEQFAST_CPU_INLINE void lstm_forward_row(
-    int64_t H, const T* __restrict gx, const T* __restrict gh, const T* __restrict bh,
-    T* __restrict c, T* __restrict h, T* __restrict act, T* __restrict tanh_c, T* __restrict c_prev) {
+    int64_t H, const A* __restrict gx, const A* __restrict gh, const A* __restrict bh,
+    A* __restrict c, T* __restrict h, T* __restrict act, T* __restrict tanh_c, T* __restrict c_prev) {
   for (int64_t j = 0; j < H; ++j) {
-    T i, f, g, o, c_new, tc, h_new;
-    const T cp = c[j];
-    lstm_pointwise_forward(gx[j] + gh[j] + bh[j], gx[H + j] + gh[H + j] + bh[H + j],
-                           gx[2 * H + j] + gh[2 * H + j] + bh[2 * H + j],
-                           gx[3 * H + j] + gh[3 * H + j] + bh[3 * H + j], cp, i, f, g, o, c_new, tc,
-                           h_new);
+    A i, f, g, o, c_new, tc, h_new;
+    const A cp = c[j];
+    lstm_pointwise_forward(A(gx[j]) + A(gh[j]) + A(bh[j]),
+                           A(gx[H + j]) + A(gh[H + j]) + A(bh[H + j]),
+                           A(gx[2 * H + j]) + A(gh[2 * H + j]) + A(bh[2 * H + j]),
+                           A(gx[3 * H + j]) + A(gh[3 * H + j]) + A(bh[3 * H + j]), cp, i, f, g, o,
+                           c_new, tc, h_new);
     c[j] = c_new;
-    h[j] = h_new;
+    h[j] = T(h_new);
     if (Save) {
-      act[j] = i;
-      act[H + j] = f;
-      act[2 * H + j] = g;
-      act[3 * H + j] = o;
-      tanh_c[j] = tc;
-      c_prev[j] = cp;
+      act[j] = T(i);
+      act[H + j] = T(f);
+      act[2 * H + j] = T(g);
+      act[3 * H + j] = T(o);
+      tanh_c[j] = T(tc);
+      c_prev[j] = T(cp);
     }
   }
 }
@@ -92,7 +106,8 @@ SEQFAST_CPU_INLINE void lstm_forward_row(
 // stage the rows' gates gate-major (gate k of element e = b*H + j at k*n + e, n = rows*H: cheap adds
 // and copies), run one
 // flat vectorized loop over all n elements, and copy the saved gates back to the row layout. c, h,
-// tanh_c, c_prev and dh are (rows, H) contiguous already, so they are used in place.
+// tanh_c, c_prev and dh are (rows, H) contiguous already, so they are used in place. The staging
+// buffers hold the compute type.
 constexpr int64_t kFlatMaxH = 32;
 
 // Per-thread staging buffer for the flat passes (grows to the largest band seen, then is reused).
@@ -103,45 +118,46 @@ T* flat_buffer(int64_t elements) {
   return buffer.data();
 }
 
-// dst[k*n + b*H + j] = src[b*G*H + k*H + j] for gates k < G, rows b < rows, units j < H.
-template <typename T, int G>
-SEQFAST_CPU_INLINE void to_gate_major(const T* __restrict src, int64_t rows, int64_t H, T* __restrict dst) {
+// dst[k*n + b*H + j] = src[b*G*H + k*H + j] for gates k < G, rows b < rows, units j < H (converting).
+template <int G, typename S, typename D>
+SEQFAST_CPU_INLINE void to_gate_major(const S* __restrict src, int64_t rows, int64_t H, D* __restrict dst) {
   const int64_t n = rows * H;
   for (int64_t b = 0; b < rows; ++b) {
     for (int k = 0; k < G; ++k) {
-      for (int64_t j = 0; j < H; ++j) dst[k * n + b * H + j] = src[b * G * H + k * H + j];
+      for (int64_t j = 0; j < H; ++j) dst[k * n + b * H + j] = D(src[b * G * H + k * H + j]);
     }
   }
 }
 
-template <typename T, int G>
-SEQFAST_CPU_INLINE void from_gate_major(const T* __restrict src, int64_t rows, int64_t H, T* __restrict dst) {
+template <int G, typename S, typename D>
+SEQFAST_CPU_INLINE void from_gate_major(const S* __restrict src, int64_t rows, int64_t H, D* __restrict dst) {
   const int64_t n = rows * H;
   for (int64_t b = 0; b < rows; ++b) {
     for (int k = 0; k < G; ++k) {
-      for (int64_t j = 0; j < H; ++j) dst[b * G * H + k * H + j] = src[k * n + b * H + j];
+      for (int64_t j = 0; j < H; ++j) dst[b * G * H + k * H + j] = D(src[k * n + b * H + j]);
     }
   }
 }
 
-template <typename T, bool Save>
-SEQFAST_CPU_INLINE void lstm_forward_flat(int64_t n, const T* __restrict pre, T* __restrict c,
-                                          T* __restrict h, T* __restrict act, T* __restrict tanh_c,
+// pre and act: gate-major staging in the compute type A.
+template <typename T, bool Save, typename A>
+SEQFAST_CPU_INLINE void lstm_forward_flat(int64_t n, const A* __restrict pre, A* __restrict c,
+                                          T* __restrict h, A* __restrict act, T* __restrict tanh_c,
                                           T* __restrict c_prev) {
   for (int64_t e = 0; e < n; ++e) {
-    T i, f, g, o, c_new, tc, h_new;
-    const T cp = c[e];
+    A i, f, g, o, c_new, tc, h_new;
+    const A cp = c[e];
     lstm_pointwise_forward(pre[e], pre[n + e], pre[2 * n + e], pre[3 * n + e], cp, i, f, g, o, c_new,
                            tc, h_new);
     c[e] = c_new;
-    h[e] = h_new;
+    h[e] = T(h_new);
     if (Save) {
       act[e] = i;
       act[n + e] = f;
       act[2 * n + e] = g;
       act[3 * n + e] = o;
-      tanh_c[e] = tc;
-      c_prev[e] = cp;
+      tanh_c[e] = T(tc);
+      c_prev[e] = T(cp);
     }
   }
 }
@@ -149,23 +165,24 @@ SEQFAST_CPU_INLINE void lstm_forward_flat(int64_t n, const T* __restrict pre, T*
 template <typename T, bool Save>
 SEQFAST_CPU_MULTIVERSION void lstm_forward_rows(const LstmForwardStep<T>& p, int64_t H, int64_t b0,
                                                 int64_t b1) {
+  using A = acc_t<T>;
   if (H < kFlatMaxH) {
     const int64_t rows = b1 - b0, n = rows * H;
-    T* pre = flat_buffer<T>((Save ? 8 : 4) * n);
-    T* act = Save ? pre + 4 * n : nullptr;
-    const T* gx = p.gx + b0 * 4 * H;
-    const T* gh = p.gh + b0 * 4 * H;
+    A* pre = flat_buffer<A>((Save ? 8 : 4) * n);
+    A* act = Save ? pre + 4 * n : nullptr;
+    const A* gx = p.gx + b0 * 4 * H;
+    const A* gh = p.gh + b0 * 4 * H;
     for (int64_t b = 0; b < rows; ++b) {
       for (int64_t k = 0; k < 4; ++k) {
         for (int64_t j = 0; j < H; ++j) {
           const int64_t at = b * 4 * H + k * H + j;
-          pre[k * n + b * H + j] = gx[at] + gh[at] + p.b_hh[k * H + j];
+          pre[k * n + b * H + j] = A(gx[at]) + A(gh[at]) + A(p.b_hh[k * H + j]);
         }
       }
     }
     lstm_forward_flat<T, Save>(n, pre, p.c + b0 * H, p.h + b0 * H, act,
                                Save ? p.tanh_c + b0 * H : nullptr, Save ? p.c_prev + b0 * H : nullptr);
-    if (Save) from_gate_major<T, 4>(act, rows, H, p.act + b0 * 4 * H);
+    if (Save) from_gate_major<4>(act, rows, H, p.act + b0 * 4 * H);
     return;
   }
   for (int64_t b = b0; b < b1; ++b) {
@@ -177,42 +194,42 @@ SEQFAST_CPU_MULTIVERSION void lstm_forward_rows(const LstmForwardStep<T>& p, int
 
 template <typename T>
 struct GruForwardStep {
-  const T* gx;      // (bs, 3H) x W_ih^T + b_ih
-  const T* gh;      // (bs, 3H) h_prev W_hh^T (no bias)
-  const T* b_hh;    // (3H)
+  const acc_t<T>* gx;  // (bs, 3H) x W_ih^T + b_ih (compute type)
+  const acc_t<T>* gh;  // (bs, 3H) h_prev W_hh^T (no bias)
+  const acc_t<T>* b_hh;  // (3H) in the compute type
   const T* h_prev;  // (bs, H)
   T* h;             // (bs, H) output rows
   T* act;           // (bs, 3H) saved r, z, n
   T* gh_n;          // (bs, H) saved W_hn h + b_hn
 };
 
-template <typename T, bool Save>
+template <typename T, bool Save, typename A = acc_t<T>>
 SEQFAST_CPU_INLINE void gru_forward_row(
-    int64_t H, const T* __restrict gx, const T* __restrict gh, const T* __restrict bh,
+    int64_t H, const A* __restrict gx, const A* __restrict gh, const A* __restrict bh,
     const T* __restrict hp, T* __restrict h, T* __restrict act, T* __restrict ghn_saved) {
   for (int64_t j = 0; j < H; ++j) {
-    T r, z, n, h_new;
-    const T ghn = gh[2 * H + j] + bh[2 * H + j];
-    gru_pointwise_forward(gx[j], gx[H + j], gx[2 * H + j], gh[j] + bh[j], gh[H + j] + bh[H + j], ghn,
-                          hp[j], r, z, n, h_new);
-    h[j] = h_new;
+    A r, z, n, h_new;
+    const A ghn = A(gh[2 * H + j]) + A(bh[2 * H + j]);
+    gru_pointwise_forward(A(gx[j]), A(gx[H + j]), A(gx[2 * H + j]), A(gh[j]) + A(bh[j]),
+                          A(gh[H + j]) + A(bh[H + j]), ghn, A(hp[j]), r, z, n, h_new);
+    h[j] = T(h_new);
     if (Save) {
-      act[j] = r;
-      act[H + j] = z;
-      act[2 * H + j] = n;
-      ghn_saved[j] = ghn;
+      act[j] = T(r);
+      act[H + j] = T(z);
+      act[2 * H + j] = T(n);
+      ghn_saved[j] = T(ghn);
     }
   }
 }
 
-template <typename T, bool Save>
-SEQFAST_CPU_INLINE void gru_forward_flat(int64_t n, const T* __restrict gi, const T* __restrict gh,
-                                         const T* __restrict hp, T* __restrict h, T* __restrict act) {
+template <typename T, bool Save, typename A>
+SEQFAST_CPU_INLINE void gru_forward_flat(int64_t n, const A* __restrict gi, const A* __restrict gh,
+                                         const T* __restrict hp, T* __restrict h, A* __restrict act) {
   for (int64_t e = 0; e < n; ++e) {
-    T r, z, c, h_new;
-    gru_pointwise_forward(gi[e], gi[n + e], gi[2 * n + e], gh[e], gh[n + e], gh[2 * n + e], hp[e], r, z,
-                          c, h_new);
-    h[e] = h_new;
+    A r, z, c, h_new;
+    gru_pointwise_forward(gi[e], gi[n + e], gi[2 * n + e], gh[e], gh[n + e], gh[2 * n + e], A(hp[e]), r,
+                          z, c, h_new);
+    h[e] = T(h_new);
     if (Save) {
       act[e] = r;
       act[n + e] = z;
@@ -224,22 +241,24 @@ SEQFAST_CPU_INLINE void gru_forward_flat(int64_t n, const T* __restrict gi, cons
 template <typename T, bool Save>
 SEQFAST_CPU_MULTIVERSION void gru_forward_rows(const GruForwardStep<T>& p, int64_t H, int64_t b0,
                                                int64_t b1) {
+  using A = acc_t<T>;
   if (H < kFlatMaxH) {  // see lstm_forward_rows
     const int64_t rows = b1 - b0, n = rows * H;
-    T* gi = flat_buffer<T>((Save ? 9 : 6) * n);
-    T* gh = gi + 3 * n;  // h W_hh^T + b_hh, gate-major
-    T* act = Save ? gi + 6 * n : nullptr;
-    to_gate_major<T, 3>(p.gx + b0 * 3 * H, rows, H, gi);
-    const T* gh_rows = p.gh + b0 * 3 * H;
+    A* gi = flat_buffer<A>((Save ? 9 : 6) * n);
+    A* gh = gi + 3 * n;  // h W_hh^T + b_hh, gate-major
+    A* act = Save ? gi + 6 * n : nullptr;
+    to_gate_major<3>(p.gx + b0 * 3 * H, rows, H, gi);
+    const A* gh_rows = p.gh + b0 * 3 * H;
     for (int64_t b = 0; b < rows; ++b) {
       for (int64_t k = 0; k < 3; ++k) {
-        for (int64_t j = 0; j < H; ++j) gh[k * n + b * H + j] = gh_rows[b * 3 * H + k * H + j] + p.b_hh[k * H + j];
+        for (int64_t j = 0; j < H; ++j) gh[k * n + b * H + j] = A(gh_rows[b * 3 * H + k * H + j]) + A(p.b_hh[k * H + j]);
       }
     }
     gru_forward_flat<T, Save>(n, gi, gh, p.h_prev + b0 * H, p.h + b0 * H, act);
     if (Save) {
-      from_gate_major<T, 3>(act, rows, H, p.act + b0 * 3 * H);
-      std::memcpy(p.gh_n + b0 * H, gh + 2 * n, sizeof(T) * n);
+      from_gate_major<3>(act, rows, H, p.act + b0 * 3 * H);
+      T* __restrict ghn = p.gh_n + b0 * H;
+      for (int64_t e = 0; e < n; ++e) ghn[e] = T(gh[2 * n + e]);
     }
     return;
   }
@@ -252,73 +271,119 @@ SEQFAST_CPU_MULTIVERSION void gru_forward_rows(const GruForwardStep<T>& p, int64
 
 template <typename T>
 struct RnnForwardStep {
-  const T* gx;    // (bs, H)
-  const T* gh;    // (bs, H)
-  const T* b_hh;  // (H)
+  const acc_t<T>* gx;  // (bs, H) (compute type)
+  const acc_t<T>* gh;  // (bs, H)
+  const acc_t<T>* b_hh;  // (H) in the compute type
   T* h;           // (bs, H) output rows
 };
 
-template <typename T, Activation A>
-SEQFAST_CPU_INLINE void rnn_forward_row(int64_t H, const T* __restrict gx,
-                                                           const T* __restrict gh,
-                                                           const T* __restrict bh, T* __restrict h) {
-  for (int64_t j = 0; j < H; ++j) h[j] = rnn_pointwise_forward<A>(gx[j] + gh[j] + bh[j]);
+template <typename T, Activation A_, typename A = acc_t<T>>
+SEQFAST_CPU_INLINE void rnn_forward_row(int64_t H, const A* __restrict gx, const A* __restrict gh,
+                                        const A* __restrict bh, T* __restrict h) {
+  for (int64_t j = 0; j < H; ++j) h[j] = T(rnn_pointwise_forward<A_>(A(gx[j]) + A(gh[j]) + A(bh[j])));
 }
 
-template <typename T, Activation A>
-SEQFAST_CPU_INLINE void rnn_activate_flat(int64_t n, T* __restrict h) {
-  for (int64_t e = 0; e < n; ++e) h[e] = rnn_pointwise_forward<A>(h[e]);
+// h = act(pre), elementwise; pre in the compute type.
+template <typename T, Activation A_, typename A>
+SEQFAST_CPU_INLINE void rnn_activate_flat(int64_t n, const A* __restrict pre, T* __restrict h) {
+  for (int64_t e = 0; e < n; ++e) h[e] = T(rnn_pointwise_forward<A_>(pre[e]));
 }
 
-template <typename T, Activation A>
+template <typename T, Activation A_>
+SEQFAST_CPU_INLINE void rnn_activate_in_place(int64_t n, T* __restrict h) {
+  for (int64_t e = 0; e < n; ++e) h[e] = rnn_pointwise_forward<A_>(h[e]);
+}
+
+template <typename T, Activation A_>
 SEQFAST_CPU_MULTIVERSION void rnn_forward_rows(const RnnForwardStep<T>& p, int64_t H, int64_t b0,
                                                int64_t b1) {
+  using A = acc_t<T>;
   if (H < kFlatMaxH) {  // see lstm_forward_rows: rows are contiguous, only the bias needs j
-    for (int64_t e = b0 * H, b = b0; b < b1; ++b) {
-      for (int64_t j = 0; j < H; ++j, ++e) p.h[e] = p.gx[e] + p.gh[e] + p.b_hh[j];
+    const int64_t n = (b1 - b0) * H;
+    // float/double stage the pre-activations in the output rows themselves; bfloat16 in A.
+    A* pre;
+    if constexpr (std::is_same_v<T, A>) {
+      pre = p.h + b0 * H;
+    } else {
+      pre = flat_buffer<A>(n);
     }
-    rnn_activate_flat<T, A>((b1 - b0) * H, p.h + b0 * H);
+    for (int64_t e = 0, b = b0; b < b1; ++b) {
+      const int64_t row = b * H;
+      for (int64_t j = 0; j < H; ++j, ++e) pre[e] = A(p.gx[row + j]) + A(p.gh[row + j]) + A(p.b_hh[j]);
+    }
+    if constexpr (std::is_same_v<T, A>) {
+      rnn_activate_in_place<T, A_>(n, pre);
+    } else {
+      rnn_activate_flat<T, A_>(n, pre, p.h + b0 * H);
+    }
     return;
   }
   for (int64_t b = b0; b < b1; ++b) {
-    rnn_forward_row<T, A>(H, p.gx + b * H, p.gh + b * H, p.b_hh, p.h + b * H);
+    rnn_forward_row<T, A_>(H, p.gx + b * H, p.gh + b * H, p.b_hh, p.h + b * H);
+  }
+}
+
+// bfloat16: the bias gradients are sums over every token of the gate gradients, which the backward
+// stores rounded to T (they are GEMM operands). Summing the rounded values cost up to ~3x torch's error
+// on the bias gradients (tests/test_bf16.py), so the passes also add the unrounded gate gradients into
+// per-batch-row accumulators (B, G*H) in the compute type: a row belongs to one thread in a step, so
+// there are no races, and the rows are reduced once after the loop. float/double skip this.
+template <typename T>
+constexpr bool kBiasRows = !std::is_same_v<T, acc_t<T>>;
+
+// out[i] = v in T, and bias_rows[i] += v for low-precision T.
+template <typename T, typename A>
+SEQFAST_CPU_INLINE void store_gate_grad(T* __restrict out, A* __restrict bias_rows, int64_t i, A v) {
+  out[i] = T(v);
+  if constexpr (kBiasRows<T>) bias_rows[i] += v;
+}
+
+// bias_rows[b*G*H + k*H + j] += src[k*n + b*H + j]: the flat passes' gate-major gradients.
+template <int G, typename A>
+SEQFAST_CPU_INLINE void add_gate_major(const A* __restrict src, int64_t rows, int64_t H, A* __restrict bias_rows) {
+  const int64_t n = rows * H;
+  for (int64_t b = 0; b < rows; ++b) {
+    for (int k = 0; k < G; ++k) {
+      for (int64_t j = 0; j < H; ++j) bias_rows[b * G * H + k * H + j] += src[k * n + b * H + j];
+    }
   }
 }
 
 template <typename T>
 struct LstmBackwardStep {
-  const T* act;     // (bs, 4H)
-  const T* tanh_c;  // (bs, H)
-  const T* c_prev;  // (bs, H)
-  const T* dh;      // (bs, H) gradient w.r.t. the step's unprojected h
-  T* dc;            // (B, H) in: dL/dc' from step t+1; out: dL/dc_prev
-  T* dgates;        // (bs, 4H) out: gradients of the pre-activations
+  const T* act;        // (bs, 4H)
+  const T* tanh_c;     // (bs, H)
+  const T* c_prev;     // (bs, H)
+  const acc_t<T>* dh;  // (bs, H) gradient w.r.t. the step's unprojected h
+  acc_t<T>* dc;        // (B, H) in: dL/dc' from step t+1; out: dL/dc_prev
+  T* dgates;           // (bs, 4H) out: gradients of the pre-activations
+  acc_t<T>* dbias;     // (bs, 4H) bias-gradient rows, added to (kBiasRows only)
 };
 
-template <typename T>
+template <typename T, typename A = acc_t<T>>
 SEQFAST_CPU_INLINE void lstm_backward_row(
     int64_t H, const T* __restrict act, const T* __restrict tc, const T* __restrict cp,
-    const T* __restrict dh, T* __restrict dc, T* __restrict dg) {
+    const A* __restrict dh, A* __restrict dc, T* __restrict dg, A* __restrict db) {
   for (int64_t j = 0; j < H; ++j) {
-    T di, df, dgg, dout, dcp;
-    lstm_pointwise_backward(act[j], act[H + j], act[2 * H + j], act[3 * H + j], tc[j], cp[j], dh[j],
-                            dc[j], di, df, dgg, dout, dcp);
-    dg[j] = di;
-    dg[H + j] = df;
-    dg[2 * H + j] = dgg;
-    dg[3 * H + j] = dout;
+    A di, df, dgg, dout, dcp;
+    lstm_pointwise_backward(A(act[j]), A(act[H + j]), A(act[2 * H + j]), A(act[3 * H + j]), A(tc[j]),
+                            A(cp[j]), dh[j], dc[j], di, df, dgg, dout, dcp);
+    store_gate_grad(dg, db, j, di);
+    store_gate_grad(dg, db, H + j, df);
+    store_gate_grad(dg, db, 2 * H + j, dgg);
+    store_gate_grad(dg, db, 3 * H + j, dout);
     dc[j] = dcp;
   }
 }
 
-template <typename T>
-SEQFAST_CPU_INLINE void lstm_backward_flat(int64_t n, const T* __restrict act, const T* __restrict tc,
-                                           const T* __restrict cp, const T* __restrict dh,
-                                           T* __restrict dc, T* __restrict dg) {
+template <typename T, typename A>
+SEQFAST_CPU_INLINE void lstm_backward_flat(int64_t n, const A* __restrict act, const T* __restrict tc,
+                                           const T* __restrict cp, const A* __restrict dh,
+                                           A* __restrict dc, A* __restrict dg) {
   for (int64_t e = 0; e < n; ++e) {
-    T di, df, dgg, dout, dcp;
-    lstm_pointwise_backward(act[e], act[n + e], act[2 * n + e], act[3 * n + e], tc[e], cp[e], dh[e],
-                            dc[e], di, df, dgg, dout, dcp);
+    A di, df, dgg, dout, dcp;
+    lstm_pointwise_backward(act[e], act[n + e], act[2 * n + e], act[3 * n + e], A(tc[e]), A(cp[e]),
+                            dh[e], dc[e], di, df, dgg, dout, dcp);
     dg[e] = di;
     dg[n + e] = df;
     dg[2 * n + e] = dgg;
@@ -330,58 +395,63 @@ SEQFAST_CPU_INLINE void lstm_backward_flat(int64_t n, const T* __restrict act, c
 template <typename T>
 SEQFAST_CPU_MULTIVERSION void lstm_backward_rows(const LstmBackwardStep<T>& p, int64_t H, int64_t b0,
                                                  int64_t b1) {
+  using A = acc_t<T>;
   if (H < kFlatMaxH) {  // see lstm_forward_rows
     const int64_t rows = b1 - b0, n = rows * H;
-    T* act = flat_buffer<T>(8 * n);
-    T* dg = act + 4 * n;
-    to_gate_major<T, 4>(p.act + b0 * 4 * H, rows, H, act);
+    A* act = flat_buffer<A>(8 * n);
+    A* dg = act + 4 * n;
+    to_gate_major<4>(p.act + b0 * 4 * H, rows, H, act);
     lstm_backward_flat<T>(n, act, p.tanh_c + b0 * H, p.c_prev + b0 * H, p.dh + b0 * H, p.dc + b0 * H, dg);
-    from_gate_major<T, 4>(dg, rows, H, p.dgates + b0 * 4 * H);
+    from_gate_major<4>(dg, rows, H, p.dgates + b0 * 4 * H);
+    if constexpr (kBiasRows<T>) add_gate_major<4>(dg, rows, H, p.dbias + b0 * 4 * H);
     return;
   }
   for (int64_t b = b0; b < b1; ++b) {
     lstm_backward_row<T>(H, p.act + b * 4 * H, p.tanh_c + b * H, p.c_prev + b * H, p.dh + b * H,
-                         p.dc + b * H, p.dgates + b * 4 * H);
+                         p.dc + b * H, p.dgates + b * 4 * H, kBiasRows<T> ? p.dbias + b * 4 * H : nullptr);
   }
 }
 
 template <typename T>
 struct GruBackwardStep {
-  const T* act;     // (bs, 3H) r, z, n
-  const T* gh_n;    // (bs, H)
-  const T* h_prev;  // (bs, H)
-  const T* dh;      // (bs, H)
-  T* dgi;           // (bs, 3H) out: grads of x W_ih^T + b_ih
-  T* dgh;           // (bs, 3H) out: grads of h W_hh^T + b_hh
-  T* dh_prev;       // (B, H) out: the part of dL/dh_prev that bypasses W_hh
+  const T* act;        // (bs, 3H) r, z, n
+  const T* gh_n;       // (bs, H)
+  const T* h_prev;     // (bs, H)
+  const acc_t<T>* dh;  // (bs, H)
+  T* dgi;              // (bs, 3H) out: grads of x W_ih^T + b_ih
+  T* dgh;              // (bs, 3H) out: grads of h W_hh^T + b_hh
+  acc_t<T>* dh_prev;   // (B, H) out: the part of dL/dh_prev that bypasses W_hh
+  acc_t<T>* dbias_i;   // (bs, 3H) bias-gradient rows of b_ih, added to (kBiasRows only)
+  acc_t<T>* dbias_h;   // (bs, 3H) bias-gradient rows of b_hh, added to (kBiasRows only)
 };
 
-template <typename T>
+template <typename T, typename A = acc_t<T>>
 SEQFAST_CPU_INLINE void gru_backward_row(
     int64_t H, const T* __restrict act, const T* __restrict ghn, const T* __restrict hp,
-    const T* __restrict dh, T* __restrict dgi, T* __restrict dgh, T* __restrict dhp) {
+    const A* __restrict dh, T* __restrict dgi, T* __restrict dgh, A* __restrict dhp, A* __restrict dbi,
+    A* __restrict dbh) {
   for (int64_t j = 0; j < H; ++j) {
-    T dr, dz, dn_i, dn_h, direct;
-    gru_pointwise_backward(act[j], act[H + j], act[2 * H + j], ghn[j], hp[j], dh[j], dr, dz, dn_i,
-                           dn_h, direct);
-    dgi[j] = dr;
-    dgi[H + j] = dz;
-    dgi[2 * H + j] = dn_i;
-    dgh[j] = dr;
-    dgh[H + j] = dz;
-    dgh[2 * H + j] = dn_h;
+    A dr, dz, dn_i, dn_h, direct;
+    gru_pointwise_backward(A(act[j]), A(act[H + j]), A(act[2 * H + j]), A(ghn[j]), A(hp[j]), dh[j], dr,
+                           dz, dn_i, dn_h, direct);
+    store_gate_grad(dgi, dbi, j, dr);
+    store_gate_grad(dgi, dbi, H + j, dz);
+    store_gate_grad(dgi, dbi, 2 * H + j, dn_i);
+    store_gate_grad(dgh, dbh, j, dr);
+    store_gate_grad(dgh, dbh, H + j, dz);
+    store_gate_grad(dgh, dbh, 2 * H + j, dn_h);
     dhp[j] = direct;
   }
 }
 
-template <typename T>
-SEQFAST_CPU_INLINE void gru_backward_flat(int64_t n, const T* __restrict act, const T* __restrict ghn,
-                                          const T* __restrict hp, const T* __restrict dh,
-                                          T* __restrict dgi, T* __restrict dgh, T* __restrict dhp) {
+template <typename T, typename A>
+SEQFAST_CPU_INLINE void gru_backward_flat(int64_t n, const A* __restrict act, const T* __restrict ghn,
+                                          const T* __restrict hp, const A* __restrict dh,
+                                          A* __restrict dgi, A* __restrict dgh, A* __restrict dhp) {
   for (int64_t e = 0; e < n; ++e) {
-    T dr, dz, dn_i, dn_h, direct;
-    gru_pointwise_backward(act[e], act[n + e], act[2 * n + e], ghn[e], hp[e], dh[e], dr, dz, dn_i, dn_h,
-                           direct);
+    A dr, dz, dn_i, dn_h, direct;
+    gru_pointwise_backward(act[e], act[n + e], act[2 * n + e], A(ghn[e]), A(hp[e]), dh[e], dr, dz, dn_i,
+                           dn_h, direct);
     dgi[e] = dr;
     dgi[n + e] = dz;
     dgi[2 * n + e] = dn_i;
@@ -395,36 +465,44 @@ SEQFAST_CPU_INLINE void gru_backward_flat(int64_t n, const T* __restrict act, co
 template <typename T>
 SEQFAST_CPU_MULTIVERSION void gru_backward_rows(const GruBackwardStep<T>& p, int64_t H, int64_t b0,
                                                 int64_t b1) {
+  using A = acc_t<T>;
   if (H < kFlatMaxH) {  // see lstm_forward_rows
     const int64_t rows = b1 - b0, n = rows * H;
-    T* act = flat_buffer<T>(9 * n);
-    T* dgi = act + 3 * n;
-    T* dgh = act + 6 * n;
-    to_gate_major<T, 3>(p.act + b0 * 3 * H, rows, H, act);
+    A* act = flat_buffer<A>(9 * n);
+    A* dgi = act + 3 * n;
+    A* dgh = act + 6 * n;
+    to_gate_major<3>(p.act + b0 * 3 * H, rows, H, act);
     gru_backward_flat<T>(n, act, p.gh_n + b0 * H, p.h_prev + b0 * H, p.dh + b0 * H, dgi, dgh,
                          p.dh_prev + b0 * H);
-    from_gate_major<T, 3>(dgi, rows, H, p.dgi + b0 * 3 * H);
-    from_gate_major<T, 3>(dgh, rows, H, p.dgh + b0 * 3 * H);
+    from_gate_major<3>(dgi, rows, H, p.dgi + b0 * 3 * H);
+    from_gate_major<3>(dgh, rows, H, p.dgh + b0 * 3 * H);
+    if constexpr (kBiasRows<T>) {
+      add_gate_major<3>(dgi, rows, H, p.dbias_i + b0 * 3 * H);
+      add_gate_major<3>(dgh, rows, H, p.dbias_h + b0 * 3 * H);
+    }
     return;
   }
   for (int64_t b = b0; b < b1; ++b) {
     gru_backward_row<T>(H, p.act + b * 3 * H, p.gh_n + b * H, p.h_prev + b * H, p.dh + b * H,
-                        p.dgi + b * 3 * H, p.dgh + b * 3 * H, p.dh_prev + b * H);
+                        p.dgi + b * 3 * H, p.dgh + b * 3 * H, p.dh_prev + b * H,
+                        kBiasRows<T> ? p.dbias_i + b * 3 * H : nullptr,
+                        kBiasRows<T> ? p.dbias_h + b * 3 * H : nullptr);
   }
 }
 
-template <typename T, Activation A>
-SEQFAST_CPU_INLINE void rnn_backward_row(int64_t H, const T* __restrict h,
-                                                            const T* __restrict dh,
-                                                            T* __restrict dpre) {
-  for (int64_t j = 0; j < H; ++j) dpre[j] = rnn_pointwise_backward<A>(h[j], dh[j]);
+template <typename T, Activation A_, typename A = acc_t<T>>
+SEQFAST_CPU_INLINE void rnn_backward_row(int64_t H, const T* __restrict h, const A* __restrict dh,
+                                         T* __restrict dpre, A* __restrict db) {
+  for (int64_t j = 0; j < H; ++j) store_gate_grad(dpre, db, j, rnn_pointwise_backward<A_>(A(h[j]), dh[j]));
 }
 
-template <typename T, Activation A>
-SEQFAST_CPU_MULTIVERSION void rnn_backward_rows(const T* h, const T* dh, T* dpre, int64_t H,
-                                                int64_t b0, int64_t b1) {
+// dbias: (bs, H) bias-gradient rows (kBiasRows only).
+template <typename T, Activation A_>
+SEQFAST_CPU_MULTIVERSION void rnn_backward_rows(const T* h, const acc_t<T>* dh, T* dpre, acc_t<T>* dbias,
+                                                int64_t H, int64_t b0, int64_t b1) {
   // The (rows, H) matrices are contiguous: one flat loop vectorizes whatever H is.
-  rnn_backward_row<T, A>((b1 - b0) * H, h + b0 * H, dh + b0 * H, dpre + b0 * H);
+  rnn_backward_row<T, A_>((b1 - b0) * H, h + b0 * H, dh + b0 * H, dpre + b0 * H,
+                          kBiasRows<T> ? dbias + b0 * H : nullptr);
 }
 
 template <typename F>
@@ -492,17 +570,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
     const Tensor& input, const Schedule& s, const LayerDims& d, const Tensor& hx, const OptTensor& cx,
     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
     const OptTensor& w_hr, bool reverse, bool training) {
+  using A = acc_t<T>;
   const int64_t N = s.tokens, H = d.H, P = d.P, GH = d.G * d.H, B = d.B;
   const auto opts = input.options();
+  const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<A>::value);
   const bool is_lstm = d.kind == CellKind::LSTM, is_gru = d.kind == CellKind::GRU;
 
   const Tensor x = input.reshape({N, d.I});
-  const Tensor gx = cpu::linear(x, w_ih, b_ih);  // (N, G*H): the input projection of every step
-  const Tensor bias_hh = b_hh.has_value() ? b_hh->contiguous() : at::zeros({GH}, opts);
+  const Tensor gx = cpu::input_projection(x, w_ih, b_ih);  // (N, G*H) in A: every step's x W_ih^T + b_ih
+  const Tensor bias_hh =
+      b_hh.has_value() ? b_hh->to(acc_opts.dtype()).contiguous() : at::zeros({GH}, acc_opts);
 
   Tensor output = empty_buffer({N, P}, opts);
-  Tensor h_state = hx.clone(at::MemoryFormat::Contiguous);
-  Tensor c_state = is_lstm ? cx->clone(at::MemoryFormat::Contiguous) : at::empty({0}, opts);
+  // The recurrent state is the next step's GEMM operand: in T (hx may be float32 for bfloat16, autocast).
+  Tensor h_state = hx.to(opts, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  // The cell state in the compute type (float for bfloat16) for the whole loop; rounded to T once, at
+  // the end.
+  Tensor c_state = is_lstm ? cx->to(acc_opts, /*non_blocking=*/false, /*copy=*/true).contiguous()
+                           : at::empty({0}, acc_opts);
 
   const WorkspaceLayout L(d.kind, H, P, d.projected);
   Tensor ws = empty_buffer({training ? N * L.columns : 0}, opts);
@@ -515,7 +600,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   // The time loop over batch rows [r0, r1) (a band; see row_bands).
   auto run_band = [&](int64_t r0, int64_t r1) {
     if (r1 <= r0) return;
-    Tensor gh_scratch = recurrent.uses_onednn() ? Tensor() : at::empty({r1 - r0, GH}, opts);
+    Tensor gh_scratch = at::empty({r1 - r0, GH}, acc_opts);
     // Unprojected LSTM output when projecting: saved rows when training, else a per-step scratch.
     Tensor h_unproj_scratch = d.projected && !training ? at::empty({r1 - r0, H}, opts) : Tensor();
     for (int64_t step = 0; step < s.steps(); ++step) {
@@ -528,15 +613,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
         std::memcpy(W.rows<T>(L.h_prev, row0, P), h_prev.data_ptr<T>(), sizeof(T) * rows * P);
       }
       const Tensor gh = recurrent.compute(h_prev, gh_scratch);
-      const T* gx_rows = rows_of<T>(gx, row0, GH);
+      const A* gx_rows = rows_of<A>(gx, row0, GH);
       T* out_rows = rows_of<T>(output, row0, P);
 
       if (is_lstm) {
         LstmForwardStep<T> p;
         p.gx = gx_rows;
-        p.gh = gh.data_ptr<T>();
-        p.b_hh = bias_hh.data_ptr<T>();
-        p.c = c_state.data_ptr<T>() + r0 * H;
+        p.gh = gh.data_ptr<A>();
+        p.b_hh = bias_hh.data_ptr<A>();
+        p.c = c_state.data_ptr<A>() + r0 * H;
         p.h = !d.projected ? out_rows
                            : (training ? W.rows<T>(L.h_unproj, row0, H) : h_unproj_scratch.data_ptr<T>());
         if (training) {
@@ -555,8 +640,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
       } else if (is_gru) {
         GruForwardStep<T> p;
         p.gx = gx_rows;
-        p.gh = gh.data_ptr<T>();
-        p.b_hh = bias_hh.data_ptr<T>();
+        p.gh = gh.data_ptr<A>();
+        p.b_hh = bias_hh.data_ptr<A>();
         p.h_prev = h_prev.data_ptr<T>();
         p.h = out_rows;
         if (training) {
@@ -568,7 +653,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
           parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { gru_forward_rows<T, false>(p, H, b0, b1); });
         }
       } else {
-        RnnForwardStep<T> p{gx_rows, gh.data_ptr<T>(), bias_hh.data_ptr<T>(), out_rows};
+        RnnForwardStep<T> p{gx_rows, gh.data_ptr<A>(), bias_hh.data_ptr<A>(), out_rows};
         if (d.kind == CellKind::RNN_TANH) {
           parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_forward_rows<T, Activation::Tanh>(p, H, b0, b1); });
         } else {
@@ -587,17 +672,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
     sizes.back() = P;
     return sizes;
   }();
-  return {output.view(out_shape), h_state, c_state, ws};
+  // hy and cy in hx's and cx's dtypes: float32 states of a bfloat16 layer (autocast) come back float32
+  // (cy never rounded to bfloat16: the cell state is float32 throughout).
+  return {output.view(out_shape), h_state.to(hx.scalar_type()),
+          is_lstm ? c_state.to(cx->scalar_type()) : c_state.to(opts.dtype()), ws};
 }
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
     const Tensor& grad_output, const Tensor& grad_hy, const OptTensor& grad_cy, const Tensor& input,
-    const Schedule& s, const LayerDims& d, const Tensor& w_ih, const Tensor& w_hh,
-    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& output,
-    const Tensor& ws, bool reverse, bool input_grad) {
+    const Schedule& s, const LayerDims& d, const Tensor& hx, const OptTensor& cx, const Tensor& w_ih,
+    const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+    const Tensor& output, const Tensor& ws, bool reverse, bool input_grad) {
+  using A = acc_t<T>;
   const int64_t N = s.tokens, H = d.H, P = d.P, GH = d.G * d.H, B = d.B;
   const auto opts = input.options();
+  const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<A>::value);
   const bool is_lstm = d.kind == CellKind::LSTM, is_gru = d.kind == CellKind::GRU;
   const WorkspaceLayout L(d.kind, H, P, d.projected);
   check_workspace(ws, L, N, input);
@@ -605,14 +695,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
 
   const Tensor gout = grad_output.reshape({N, P}).contiguous();
   const Tensor out2d = output.reshape({N, P}).contiguous();
-  Tensor dh_state = grad_hy.clone(at::MemoryFormat::Contiguous);
-  Tensor dc_state = !is_lstm ? at::empty({0}, opts)
-                    : (grad_cy.has_value() ? grad_cy->clone(at::MemoryFormat::Contiguous)
-                                           : at::zeros({B, H}, opts));
+  // The running state gradients in the compute type (float for bfloat16); the per-step GEMM results
+  // are added into them (RowGemm::compute_into converts).
+  Tensor dh_state = grad_hy.to(acc_opts, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  Tensor dc_state = !is_lstm ? at::empty({0}, acc_opts)
+                    : (grad_cy.has_value()
+                           ? grad_cy->to(acc_opts, /*non_blocking=*/false, /*copy=*/true).contiguous()
+                           : at::zeros({B, H}, acc_opts));
   // dgi: gradients of x W_ih^T + b_ih per token; dgh of h W_hh^T + b_hh (the same matrix but for GRU).
   Tensor dgi = empty_buffer({N, GH}, opts);
   Tensor dgh = is_gru ? empty_buffer({N, GH}, opts) : dgi;
   Tensor dh_proj = d.projected ? empty_buffer({N, P}, opts) : Tensor();  // dL/d(projected h), per token
+  // Bias-gradient rows in the compute type (see kBiasRows); b_hh's differ from b_ih's for GRU only.
+  // (Allocated for bfloat16 even without biases: the passes write them unconditionally; B x G*H.)
+  const bool bias_rows = kBiasRows<T>;
+  Tensor db_i = bias_rows ? at::zeros({B, GH}, acc_opts) : Tensor();
+  Tensor db_h = bias_rows && is_gru ? at::zeros({B, GH}, acc_opts) : db_i;
+  const auto bias_row_ptr = [&](const Tensor& t, int64_t r0) {
+    return t.defined() ? t.data_ptr<A>() + r0 * GH : nullptr;
+  };
 
   RowGemm recurrent_t(w_hh.t(), B, N);  // dh_prev = dgh @ W_hh
   std::optional<RowGemm> projection_t;
@@ -622,7 +723,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   // The reverse time loop over batch rows [r0, r1) (a band; see row_bands).
   auto run_band = [&](int64_t r0, int64_t r1) {
     if (r1 <= r0) return;
-    Tensor dh_scratch = at::empty({r1 - r0, d.projected ? H : P}, opts);
+    Tensor dh_scratch = at::empty({r1 - r0, d.projected ? H : P}, acc_opts);
     for (int64_t step = s.steps() - 1; step >= 0; --step) {
       const int64_t t = reverse ? s.steps() - 1 - step : step;
       const int64_t rows = std::min(s.batch[t], r1) - r0;
@@ -638,27 +739,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       } else {
         at::add_out(dh, dh_rows, gout.narrow(0, row0, rows));
       }
-      const T* dh_ptr = dh.data_ptr<T>();
+      const A* dh_ptr = dh.data_ptr<A>();
       T* dgi_rows = rows_of<T>(dgi, row0, GH);
 
       if (is_lstm) {
         LstmBackwardStep<T> p{W.rows<T>(L.act, row0, 4 * H), W.rows<T>(L.tanh_c, row0, H),
-                              W.rows<T>(L.c_prev, row0, H), dh_ptr, dc_state.data_ptr<T>() + r0 * H,
-                              dgi_rows};
+                              W.rows<T>(L.c_prev, row0, H), dh_ptr, dc_state.data_ptr<A>() + r0 * H,
+                              dgi_rows, bias_row_ptr(db_i, r0)};
         parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { lstm_backward_rows<T>(p, H, b0, b1); });
         recurrent_t.compute_into(dgi.narrow(0, row0, rows), dh_rows, /*accumulate=*/false);
       } else if (is_gru) {
         GruBackwardStep<T> p{W.rows<T>(L.act, row0, 3 * H), W.rows<T>(L.gh_n, row0, H),
                              W.rows<T>(L.h_prev, row0, H), dh_ptr, dgi_rows, rows_of<T>(dgh, row0, GH),
-                             dh_rows.data_ptr<T>()};
+                             dh_rows.data_ptr<A>(), bias_row_ptr(db_i, r0), bias_row_ptr(db_h, r0)};
         parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { gru_backward_rows<T>(p, H, b0, b1); });
         recurrent_t.compute_into(dgh.narrow(0, row0, rows), dh_rows, /*accumulate=*/true);
       } else {
         const T* h_rows = rows_of<T>(out2d, row0, P);
         if (d.kind == CellKind::RNN_TANH) {
-          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_backward_rows<T, Activation::Tanh>(h_rows, dh_ptr, dgi_rows, H, b0, b1); });
+          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_backward_rows<T, Activation::Tanh>(h_rows, dh_ptr, dgi_rows, bias_row_ptr(db_i, r0), H, b0, b1); });
         } else {
-          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_backward_rows<T, Activation::Relu>(h_rows, dh_ptr, dgi_rows, H, b0, b1); });
+          parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_backward_rows<T, Activation::Relu>(h_rows, dh_ptr, dgi_rows, bias_row_ptr(db_i, r0), H, b0, b1); });
         }
         recurrent_t.compute_into(dgi.narrow(0, row0, rows), dh_rows, /*accumulate=*/false);
       }
@@ -672,11 +773,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       input_grad ? cpu::linear(dgi, w_ih.t(), std::nullopt).view(input.sizes()) : at::empty({0}, opts);
   Tensor grad_w_ih = at::mm(dgi.t(), x);
   Tensor grad_w_hh = at::mm(dgh.t(), W.matrix(L.h_prev, P));
-  Tensor grad_b_ih = b_ih.has_value() ? dgi.sum(0) : at::empty({0}, opts);
-  Tensor grad_b_hh = !b_hh.has_value() ? at::empty({0}, opts)
-                     : (is_gru || !b_ih.has_value() ? dgh.sum(0) : grad_b_ih.clone());
+  const Tensor& dgi_sum = bias_rows ? db_i : dgi;
+  const Tensor& dgh_sum = bias_rows ? db_h : dgh;
+  // In each bias's own dtype: float32 biases of a bfloat16 layer (autocast) get float32 gradients.
+  Tensor grad_b_ih = b_ih.has_value() ? dgi_sum.sum(0).to(b_ih->scalar_type()) : at::empty({0}, opts);
+  Tensor grad_b_hh =
+      !b_hh.has_value() ? at::empty({0}, opts)
+      : (is_gru || !b_ih.has_value() ? dgh_sum.sum(0) : grad_b_ih.clone()).to(b_hh->scalar_type());
   Tensor grad_w_hr = d.projected ? at::mm(dh_proj.t(), W.matrix(L.h_unproj, H)) : at::empty({0}, opts);
-  return {grad_input, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
+  // grad_hx and grad_cx in hx's and cx's dtypes (float32 for a bfloat16 layer under autocast).
+  const at::ScalarType c_dtype = is_lstm ? cx->scalar_type() : input.scalar_type();
+  return {grad_input,           dh_state.to(hx.scalar_type()), dc_state.to(c_dtype), grad_w_ih,
+          grad_w_hh,            grad_b_ih,                 grad_b_hh,                 grad_w_hr};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -684,10 +792,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrent_layer_forward_cpu(
     const Tensor& input, const OptTensor& batch_sizes, const Tensor& hx, const OptTensor& cx,
     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
     const OptTensor& w_hr, int64_t mode, bool reverse, bool training) {
+  // Every ATen call below (GEMMs, reductions) must run in the dtype it is given whatever the caller's
+  // autocast state: at::addmm/at::mm are on autocast's lists and would come back in bfloat16
+  // (the "expected scalar type Float but found BFloat16" of issue 9). The row bands' worker threads
+  // inherit this through at::ThreadLocalState.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_cpu_dtype(input);
   const Schedule s = make_schedule(input, batch_sizes);
-  const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode);
-  return AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "recurrent_layer_forward", [&] {
+  const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode,
+                                  /*float_extras=*/true);
+  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "recurrent_layer_forward", [&] {
     return layer_forward<scalar_t>(input, s, d, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
                                    training);
   });
@@ -701,12 +815,14 @@ recurrent_layer_backward_cpu(const Tensor& grad_output, const Tensor& grad_hy,
                              const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& output,
                              const Tensor& workspace, int64_t mode, bool reverse,
                              bool input_grad) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see forward
   check_cpu_dtype(input);
   const Schedule s = make_schedule(input, batch_sizes);
-  const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode);
+  const LayerDims d = check_layer(input, s, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode,
+                                  /*float_extras=*/true);
   check_backward_inputs(grad_output, grad_hy, grad_cy, output, d, hx, cx, input);
-  return AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "recurrent_layer_backward", [&] {
-    return layer_backward<scalar_t>(grad_output, grad_hy, grad_cy, input, s, d, w_ih, w_hh, b_ih,
+  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "recurrent_layer_backward", [&] {
+    return layer_backward<scalar_t>(grad_output, grad_hy, grad_cy, input, s, d, hx, cx, w_ih, w_hh, b_ih,
                                     b_hh, w_hr, output, workspace, reverse, input_grad);
   });
 }

@@ -1,5 +1,6 @@
 #include "row_gemm.h"
 
+#include "buffers.h"
 #include "dot_rows.h"
 #include "multiversion.h"
 #include "small_gemm.h"
@@ -20,6 +21,7 @@ namespace {
 struct OneDnnOps {
   std::optional<c10::OperatorHandle> reorder;  // mkldnn::_reorder_linear_weight(Tensor, int?)
   std::optional<c10::OperatorHandle> linear;   // mkldnn::_linear_pointwise(X, W, B?, attr, scalars, algo?)
+  bool bf16 = false;  // torch.ops.mkldnn._is_mkldnn_bf16_supported(): oneDNN has a native bf16 path here
 
   OneDnnOps() {
     const char* off = std::getenv("SEQFAST_DISABLE_ONEDNN");
@@ -31,6 +33,14 @@ struct OneDnnOps {
     if (!reorder || !linear) {
       reorder.reset();
       linear.reset();
+      return;
+    }
+    // Asked once, at run time: on a CPU without bf16 support (no AVX512-BF16/AMX, nor AVX-512 core for
+    // oneDNN to emulate it), bfloat16 GEMMs go to at::mm instead, which is correct everywhere.
+    if (const auto check = dispatcher.findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""})) {
+      torch::jit::Stack stack;
+      check->callBoxed(&stack);
+      bf16 = stack.at(0).toBool();
     }
   }
   bool available() const { return linear.has_value(); }
@@ -64,7 +74,8 @@ at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& packed,
 constexpr int64_t kOneDnnMinMacs = int64_t(1) << 26;
 
 bool use_onednn(const at::Tensor& weight, int64_t rows) {
-  return weight.scalar_type() == at::kFloat && weight.device().is_cpu() &&
+  const auto st = weight.scalar_type();
+  return (st == at::kFloat || (st == at::kBFloat16 && onednn_ops().bf16)) && weight.device().is_cpu() &&
          onednn_ops().available() && weight.numel() > 0 && rows > 0 &&
          rows * weight.numel() >= kOneDnnMinMacs;
 }
@@ -151,11 +162,32 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
   return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
 }
 
+at::Tensor input_projection(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias) {
+  if (weight.scalar_type() != at::kBFloat16) return cpu::linear(x, weight, bias);
+  if (!bf16_gemm_supports(weight, x.size(0))) {
+    // bf16 product (at::mm / oneDNN), widened; the bias (float32 or bf16) added in float32.
+    at::Tensor out = cpu::linear(x, weight, std::nullopt).to(at::kFloat);
+    if (bias.has_value()) out.add_(*bias);
+    return out;
+  }
+  const at::Tensor a = x.contiguous();
+  // (N, G*H) float32, tens of MB at the canonical size: huge pages (buffers.h) spare ~10% of a bf16
+  // inference call in page faults (perf).
+  at::Tensor out = empty_buffer({x.size(0), weight.size(0)}, x.options().dtype(at::kFloat));
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  Bf16Gemm(weight).run(a.size(0), a.data_ptr<at::BFloat16>(), a.stride(0), out.data_ptr<float>(),
+                       out.stride(0), /*accumulate=*/false, b.defined() ? b.data_ptr<float>() : nullptr);
+  return out;
+}
+
 RowGemm::RowGemm(const at::Tensor& weight, int64_t max_rows, int64_t total_rows) {
   TORCH_INTERNAL_ASSERT(weight.dim() == 2);
   weight_ = weight;
   weight_t_ = weight.t();
-  if (max_rows > 0 && use_onednn(weight, total_rows)) {
+  if (max_rows > 0 && bf16_gemm_supports(weight, total_rows)) {
+    bf16_.emplace(weight);
+  } else if (max_rows > 0 && use_onednn(weight, total_rows)) {
     packed_ = onednn_reorder(weight, max_rows);
   } else if (max_rows > 0 && use_small_gemm(weight, max_rows, total_rows)) {
     small_weight_t_ = weight_t_.contiguous();
@@ -171,6 +203,11 @@ bool RowGemm::try_small_gemm(const at::Tensor& a, const at::Tensor& out, bool ac
 }
 
 at::Tensor RowGemm::compute(const at::Tensor& a, const at::Tensor& scratch) {
+  if (weight_.scalar_type() == at::kBFloat16) {  // a float32 result, in scratch
+    at::Tensor out = scratch.narrow(0, 0, a.size(0));
+    compute_into(a, out, /*accumulate=*/false);
+    return out;
+  }
   if (packed_.defined()) return onednn_linear(a, packed_);
   at::Tensor out = scratch.narrow(0, 0, a.size(0));
   if (!try_small_gemm(a, out, /*accumulate=*/false) &&
@@ -181,6 +218,33 @@ at::Tensor RowGemm::compute(const at::Tensor& a, const at::Tensor& scratch) {
 }
 
 void RowGemm::compute_into(const at::Tensor& a, const at::Tensor& out, bool accumulate) {
+  if (bf16_.has_value() && unit_column_stride(a)) {
+    if (out.scalar_type() == at::kFloat && unit_column_stride(out)) {
+      bf16_->run(a.size(0), a.data_ptr<at::BFloat16>(), a.stride(0), out.data_ptr<float>(), out.stride(0),
+                 accumulate);
+      return;
+    }
+    // A bfloat16 `out` (the projected LSTM output): one rounding of the float32 product.
+    at::Tensor y = at::empty({a.size(0), bf16_->n()}, a.options().dtype(at::kFloat));
+    bf16_->run(a.size(0), a.data_ptr<at::BFloat16>(), a.stride(0), y.data_ptr<float>(), y.stride(0), false);
+    if (accumulate) {
+      out.add_(y);
+    } else {
+      out.copy_(y);
+    }
+    return;
+  }
+  if (out.scalar_type() != weight_.scalar_type()) {
+    // A float32 `out` for bfloat16 operands (the running state gradients of the bf16 backward): the
+    // product comes back in bfloat16 (float32 accumulation inside the GEMM) and is added in float32.
+    const at::Tensor y = packed_.defined() ? onednn_linear(a, packed_) : at::mm(a, weight_t_);
+    if (accumulate) {
+      out.add_(y);
+    } else {
+      out.copy_(y);
+    }
+    return;
+  }
   if (packed_.defined()) {
     at::Tensor y = onednn_linear(a, packed_);
     if (accumulate) {

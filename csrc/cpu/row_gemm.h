@@ -8,7 +8,14 @@
 // mkldnn::_reorder_linear_weight / mkldnn::_linear_pointwise, the ops torch.compile's CPU backend uses):
 // on the AVX-512 EPYC we measure 195-219 GF/s at 64x512x2048 and ~180 GF/s at 4x1024x4096, against
 // 140-150 and 22-24 GF/s for at::mm (MKL). float64, and torch builds without oneDNN, use at::mm.
+// bfloat16 (operands and result in bf16, float32 accumulation inside the GEMM) uses oneDNN the same way
+// when torch reports native bf16 support (mkldnn::_is_mkldnn_bf16_supported, asked at run time), else
+// at::mm, which is correct on any CPU (benchmarks/NOTES.md 15).
 #include <ATen/ATen.h>
+
+#include <optional>
+
+#include "bf16_gemm.h"
 
 namespace seqfast {
 namespace cpu {
@@ -20,12 +27,13 @@ class RowGemm {
   // calls to come, which decides whether reordering the weight for oneDNN pays for itself.
   RowGemm(const at::Tensor& weight, int64_t max_rows, int64_t total_rows);
 
-  // a: (rows, k) contiguous. Returns a @ W^T, (rows, n) contiguous: a fresh tensor from oneDNN, or
-  // the first `rows` rows of `scratch` ((>= rows, n), needed only when !uses_onednn()). Calls from
-  // several threads are safe with one scratch per thread.
+  // a: (rows, k) contiguous. Returns a @ W^T, (rows, n) contiguous, in the compute type (float32 for a
+  // bfloat16 W): a fresh tensor from oneDNN, or the first `rows` rows of `scratch` ((>= rows, n) in the
+  // compute type). Calls from several threads are safe with one scratch per thread.
   at::Tensor compute(const at::Tensor& a, const at::Tensor& scratch);
 
-  // out (rows, n), contiguous rows: out = a @ W^T, or out += a @ W^T when accumulate is set.
+  // out (rows, n), contiguous rows: out = a @ W^T, or out += a @ W^T when accumulate is set. out may be
+  // float32 for bfloat16 operands (the product is converted).
   void compute_into(const at::Tensor& a, const at::Tensor& out, bool accumulate);
 
   bool uses_onednn() const { return packed_.defined(); }
@@ -38,7 +46,13 @@ class RowGemm {
   at::Tensor weight_t_;        // (k, n) view of W^T for at::mm
   at::Tensor packed_;          // oneDNN-blocked W, when available
   at::Tensor small_weight_t_;  // contiguous W^T for small_gemm, for small fp32 weights (small_gemm.h)
+  std::optional<Bf16Gemm> bf16_;  // bfloat16 W where the bf16 micro-kernel runs (bf16_gemm.h)
 };
+
+// x W^T + bias for all the tokens of a layer (the input projection), in the compute type: float32 for
+// bfloat16 x and W (float32 accumulation and result, bias added in float32), else linear().
+at::Tensor input_projection(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias);
 
 // x W^T + bias for x (M, k), weight (n, k), bias (n) or undefined: the one-shot GEMMs around the time
 // loop (the input projection of all steps, the input gradient). fp32 goes through oneDNN when large

@@ -6,10 +6,12 @@ torch.nn.LSTM/GRU/RNN: dynamo refuses to trace instances of those three classes,
 are meant to work under torch.compile(fullgraph=True). Argument checking reuses torch's own methods,
 so errors carry torch's exact types and messages.
 
-float32/float64 inputs on the CPU, and float32/float64/float16/bfloat16 inputs on CUDA when this build
-has the CUDA kernels, run the fused kernels (one op call per layer and direction, the time loop in
-C++). Anything else (float16/bfloat16 on the CPU, other devices) is delegated to torch's own
-implementation (torch._VF), documented in the README.
+float32/float64/bfloat16 inputs on the CPU, and float32/float64/float16/bfloat16 inputs on CUDA when
+this build has the CUDA kernels, run the fused kernels (one op call per layer and direction, the time
+loop in C++); so does float32 under torch.autocast("cpu", dtype=torch.bfloat16) (the op's AutocastCPU
+kernel, csrc/cpu/recurrent_layer_autocast.cpp, decides the dtypes). Anything else (float16 on the CPU,
+also under float16 autocast; other devices) is delegated to torch's own implementation (torch._VF),
+documented in the README.
 """
 import torch
 import torch.nn.functional as F
@@ -18,15 +20,23 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops
 
-_FUSED_DTYPES = (torch.float32, torch.float64)
-# The CUDA kernels also take float16/bfloat16 (float32 accumulation; csrc/cuda/recurrent_layer_cuda.h).
-_FUSED_DTYPES_CUDA = _FUSED_DTYPES + (torch.float16, torch.bfloat16)
+# The CPU kernels take bfloat16 with float32 gates and cell state (csrc/cpu/recurrent_layer_kernel.cpp).
+_FUSED_DTYPES_CPU = (torch.float32, torch.float64, torch.bfloat16)
+# The CUDA kernels also take float16 (float32 accumulation; csrc/cuda/recurrent_layer_cuda.h).
+_FUSED_DTYPES_CUDA = _FUSED_DTYPES_CPU + (torch.float16,)
+
+
+def _cpu_autocast_dtype():
+    """The dtype of an enclosing torch.autocast("cpu") region, or None outside one."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
 
 
 def _has_fused_kernel(t: torch.Tensor) -> bool:
     if t.device.type == "cpu":
-        return t.dtype in _FUSED_DTYPES
-    if t.dtype not in (_FUSED_DTYPES_CUDA if t.device.type == "cuda" else _FUSED_DTYPES):
+        # float16 autocast on the CPU: no fused float16 kernel here; torch's own path gives torch's
+        # results and dtypes (and its errors: torch's unpacked LSTM fails in oneDNN there).
+        return t.dtype in _FUSED_DTYPES_CPU and _cpu_autocast_dtype() != torch.float16
+    if t.dtype not in (_FUSED_DTYPES_CUDA if t.device.type == "cuda" else _FUSED_DTYPES_CPU):
         return False
     # The dispatch key of a device type is not its upper-cased name ("meta" -> "Meta").
     return torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -39,6 +49,19 @@ def _needs_grad(tensors) -> bool:
     # autograd kernel saves the workspace whenever it records a node for the backward.
     return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
             and not torch.jit.is_tracing())
+
+
+# Read once: torch.compile refuses to trace torch.backends.mkldnn.is_available() (a skipped function).
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _torch_lstm_runs_onednn_bf16(input) -> bool:
+    """Whether torch.nn.LSTM would run oneDNN's RNN primitive in bfloat16 on this unpacked input
+    without projections: under bfloat16 CPU autocast with oneDNN built in and enabled (the condition
+    of ATen's use_mkldnn, which looks at the float32 input autocast has not cast yet)."""
+    return (_cpu_autocast_dtype() == torch.bfloat16 and input.device.type == "cpu"
+            and input.dtype in (torch.float32, torch.bfloat16) and input.numel() > 0
+            and _HAS_ONEDNN and torch.backends.mkldnn.enabled)
 
 
 class _FusedRNNBase(nn.RNNBase):
@@ -92,6 +115,11 @@ class _FusedRNNBase(nn.RNNBase):
         if not _has_fused_kernel(input) or ops.torch_implementation_needed():
             return self._run_torch(input, batch_sizes, hx)
         h0, c0 = hx if is_lstm else (hx, None)
+        if is_lstm and batch_sizes is None and self.proj_size == 0 and _torch_lstm_runs_onednn_bf16(input):
+            # torch.nn.LSTM runs this case as one oneDNN RNN primitive, which autocast casts to
+            # bfloat16 as a whole: output, h_n and c_n come back bfloat16. bfloat16 states make the
+            # op's autocast kernel return the same (the cell state stays float32 inside the kernel).
+            h0, c0 = h0.to(torch.bfloat16), c0.to(torch.bfloat16)
         time_major = batch_sizes is None and self.batch_first
         if time_major:
             input = input.transpose(0, 1)

@@ -74,27 +74,37 @@ struct LayerDims {
   bool projected;
 };
 
-inline void check_vector(const OptTensor& t, const char* name, int64_t size, const at::Tensor& input) {
+// The dtype and device of an argument: the input's, or with float_ok also float32 for a bfloat16 input
+// (the CPU kernels' biases and initial states under autocast: used in float32 anyway, and kept in
+// float32 so that their gradients are not rounded to bfloat16).
+inline void check_dtype_device(const at::Tensor& t, const char* name, const at::Tensor& input,
+                               bool float_ok) {
+  const bool float_for_bf16 =
+      float_ok && input.scalar_type() == at::kBFloat16 && t.scalar_type() == at::kFloat;
+  TORCH_CHECK((t.scalar_type() == input.scalar_type() || float_for_bf16) && t.device() == input.device(),
+              "seqfast: ", name, " must be ", input.scalar_type(), " on ", input.device(), ", got ",
+              t.scalar_type(), " on ", t.device());
+}
+
+inline void check_vector(const OptTensor& t, const char* name, int64_t size, const at::Tensor& input,
+                         bool float_ok = false) {
   if (!t.has_value()) return;
   TORCH_CHECK(t->dim() == 1 && t->size(0) == size, "seqfast: ", name, " must have shape (", size,
               "), got ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == input.scalar_type() && t->device() == input.device(), "seqfast: ",
-              name, " must be ", input.scalar_type(), " on ", input.device(), ", got ",
-              t->scalar_type(), " on ", t->device());
+  check_dtype_device(*t, name, input, float_ok);
 }
 
 inline void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
-                  const at::Tensor& input) {
+                  const at::Tensor& input, bool float_ok = false) {
   TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "seqfast: ", name,
               " must have shape (", rows, ", ", cols, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == input.scalar_type() && t.device() == input.device(), "seqfast: ",
-              name, " must be ", input.scalar_type(), " on ", input.device(), ", got ",
-              t.scalar_type(), " on ", t.device());
+  check_dtype_device(t, name, input, float_ok);
 }
 
 inline LayerDims check_layer(const at::Tensor& input, const Schedule& s, const at::Tensor& hx, const OptTensor& cx,
                       const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
-                      const OptTensor& b_hh, const OptTensor& w_hr, int64_t mode) {
+                      const OptTensor& b_hh, const OptTensor& w_hr, int64_t mode,
+                      bool float_extras = false) {
   TORCH_CHECK(mode >= 0 && mode <= 3, "seqfast: mode must be 0 (LSTM), 1 (GRU), 2 (RNN tanh) or 3 "
               "(RNN relu), got ", mode);
   LayerDims d;
@@ -113,12 +123,13 @@ inline LayerDims check_layer(const at::Tensor& input, const Schedule& s, const a
   check_matrix(w_ih, "w_ih", d.G * d.H, d.I, input);
   check_matrix(w_hh, "w_hh", d.G * d.H, d.P, input);
   if (d.projected) check_matrix(*w_hr, "w_hr", d.P, d.H, input);
-  check_vector(b_ih, "b_ih", d.G * d.H, input);
-  check_vector(b_hh, "b_hh", d.G * d.H, input);
-  check_matrix(hx, "hx", d.B, d.P, input);
+  // float_extras: float32 biases, hx and cx are accepted for a bfloat16 input (the CPU kernels).
+  check_vector(b_ih, "b_ih", d.G * d.H, input, float_extras);
+  check_vector(b_hh, "b_hh", d.G * d.H, input, float_extras);
+  check_matrix(hx, "hx", d.B, d.P, input, float_extras);
   if (d.kind == CellKind::LSTM) {
     TORCH_CHECK(cx.has_value(), "seqfast: LSTM needs cx");
-    check_matrix(*cx, "cx", d.B, d.H, input);
+    check_matrix(*cx, "cx", d.B, d.H, input, float_extras);
   } else {
     TORCH_CHECK(!cx.has_value(), "seqfast: cx is only for LSTM");
   }
@@ -135,15 +146,19 @@ inline void check_backward_inputs(const at::Tensor& grad_output, const at::Tenso
                   grad_hy.sizes() == hx.sizes() &&
                   (!grad_cy.has_value() || (cx.has_value() && grad_cy->sizes() == cx->sizes())),
               "seqfast: recurrent_layer_backward: gradient shapes do not match the forward");
-  for (const at::Tensor* t : {&grad_output, &grad_hy, &output}) {
+  for (const at::Tensor* t : {&grad_output, &output}) {
     TORCH_CHECK(t->scalar_type() == input.scalar_type() && t->device() == input.device(),
                 "seqfast: recurrent_layer_backward: the gradients and the output must be ",
                 input.scalar_type(), " on ", input.device(), ", got ", t->scalar_type(), " on ",
                 t->device());
   }
+  // grad_hy and grad_cy in hx's and cx's dtypes (which check_layer has checked).
+  TORCH_CHECK(grad_hy.scalar_type() == hx.scalar_type() && grad_hy.device() == input.device(),
+              "seqfast: recurrent_layer_backward: grad_hy must be ", hx.scalar_type(), " on ",
+              input.device());
   if (grad_cy.has_value()) {
-    TORCH_CHECK(grad_cy->scalar_type() == input.scalar_type() && grad_cy->device() == input.device(),
-                "seqfast: recurrent_layer_backward: grad_cy must be ", input.scalar_type(), " on ",
+    TORCH_CHECK(grad_cy->scalar_type() == cx->scalar_type() && grad_cy->device() == input.device(),
+                "seqfast: recurrent_layer_backward: grad_cy must be ", cx->scalar_type(), " on ",
                 input.device());
   }
 }
