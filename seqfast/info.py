@@ -21,7 +21,11 @@ def main():
     print("fused kernels (recurrent layers LSTM/GRU/RNN and their cells, padded and PackedSequence;")
     print("               attention: dot, scaled_dot, general, concat, location):")
     ops, cpu = _ops_with_kernel("CPU")
-    print(f"  CPU : {len(cpu)}/{len(ops)} ops; float32, float64")
+    _, autocast = _ops_with_kernel("AutocastCPU")
+    print(f"  CPU : {len(cpu)}/{len(ops)} ops; recurrent layers float32, float64, bfloat16; "
+          "attention float32, float64, bfloat16, float16")
+    print(f"        autocast policy kernels (AutocastCPU): {len(autocast)} ops; bf16 instructions "
+          f"reported by torch: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
     if cuda:
         _, on_cuda = _ops_with_kernel("CUDA")
         persistent = os.environ.get("SEQFAST_PERSISTENT_RNN", "0") == "1"
@@ -31,7 +35,7 @@ def main():
               "(opt-in: SEQFAST_PERSISTENT_RNN=1)")
     else:
         print("  CUDA: not compiled in this build")
-    print("float16/bfloat16 on the CPU, and devices without a seqfast kernel, run torch's own "
+    print("float16 recurrent layers on the CPU, and devices without a seqfast kernel, run torch's own "
           "implementation")
 
 
