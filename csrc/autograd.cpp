@@ -214,9 +214,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrent_layer_forward_autograd(
   return {out[0], out[1], out[2], out[3]};
 }
 
+using CellSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
+                                                 const Tensor&, const Tensor&, const OptTensor&,
+                                                 const OptTensor&, int64_t);
+
+const c10::TypedOperatorHandle<CellSignature>& cell_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("seqfast::cell_forward", "")
+                             .typed<CellSignature>();
+  return op;
+}
+
+// seqfast::cell_forward. With a graph to record, it is the layer op at T = 1 (its autograd node and
+// backward); without, the backend's cell kernel, which skips the layer op's per-call allocations.
+std::tuple<Tensor, Tensor> cell_forward_autograd(const Tensor& input, const Tensor& hx, const OptTensor& cx,
+                                                 const Tensor& w_ih, const Tensor& w_hh,
+                                                 const OptTensor& b_ih, const OptTensor& b_hh, int64_t mode) {
+  const auto requires_grad = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
+  if (at::GradMode::is_enabled() &&
+      (input.requires_grad() || hx.requires_grad() || requires_grad(cx) || w_ih.requires_grad() ||
+       w_hh.requires_grad() || requires_grad(b_ih) || requires_grad(b_hh))) {
+    const auto [output, hy, cy, workspace] = recurrent_layer_forward_autograd(
+        input.unsqueeze(0), std::nullopt, hx, cx, w_ih, w_hh, b_ih, b_hh, std::nullopt, mode,
+        /*reverse=*/false, /*training=*/true);
+    return {hy, cy};
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return cell_op().call(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode);
+}
+
 }  // namespace
 }  // namespace seqfast
 
 TORCH_LIBRARY_IMPL(seqfast, Autograd, m) {
   m.impl("recurrent_layer_forward", &seqfast::recurrent_layer_forward_autograd);
+  m.impl("cell_forward", &seqfast::cell_forward_autograd);
 }

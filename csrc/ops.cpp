@@ -28,6 +28,14 @@ TORCH_LIBRARY(seqfast, m) {
       "bool input_grad=True) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // One step of a cell: recurrent_layer_forward at T = 1 for unpacked (B, I) input, returning
+  // hy (B, P) and cy (B, H) or empty. The CPU kernel (cpu/cell_step_kernel.cpp) computes tiny steps
+  // without the layer op's per-call allocations; its autograd kernel (autograd.cpp) sends every call
+  // that needs a graph to recurrent_layer_forward, whose backward it shares.
+  m.def(
+      "cell_forward(Tensor input, Tensor hx, Tensor? cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, int mode) -> (Tensor, Tensor)");
+
   // ---- Attention over packed (varlen) memory; layout and math in include/seqfast/attention.h. ----
   // Common arguments:
   //   cu_seqlens_q: int32 CPU (B+1), query rows of sequence b are [cu_seqlens_q[b], cu_seqlens_q[b+1])
