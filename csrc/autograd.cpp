@@ -44,6 +44,18 @@ const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
   return op;
 }
 
+using CellBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&,
+    const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, int64_t,
+    bool);
+
+const c10::TypedOperatorHandle<CellBackwardSignature>& cell_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("seqfast::cell_backward", "")
+                             .typed<CellBackwardSignature>();
+  return op;
+}
+
 OptTensor optional_of(const Tensor& t) {
   return t.defined() ? OptTensor(t) : std::nullopt;
 }
@@ -174,17 +186,40 @@ class RecurrentLayer : public torch::autograd::Function<RecurrentLayer> {
       }
     }
     const Tensor& output = saved[kOutput];
+    const bool input_grad = ctx->needs_input_grad(kInput);
+    if (is_cell_step(saved, reverse)) {
+      const auto [g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh] = cell_backward_op().call(
+          optional_of(grads[0]), optional_of(grads[1]), mode == 0 ? optional_of(grads[2]) : std::nullopt,
+          saved[kInput], saved[kHx], optional_of(saved[kCx]), saved[kWih], saved[kWhh],
+          optional_of(saved[kBih]), optional_of(saved[kBhh]), output, saved[kWorkspace], mode, input_grad);
+      return gradients(saved, input_grad, g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, Tensor());
+    }
     const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
     const Tensor grad_hy = grads[1].defined() ? grads[1] : at::zeros_like(saved[kHx]);
     const OptTensor grad_cy = mode == 0 ? optional_of(grads[2]) : std::nullopt;
-    const bool input_grad = ctx->needs_input_grad(kInput);
     const auto [g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr] = backward_op().call(
         grad_output, grad_hy, grad_cy, saved[kInput], optional_of(saved[kBatchSizes]), saved[kHx],
         optional_of(saved[kCx]), saved[kWih], saved[kWhh], optional_of(saved[kBih]),
         optional_of(saved[kBhh]), optional_of(saved[kWhr]), output, saved[kWorkspace], mode, reverse,
         input_grad);
-    // One entry per forward argument; undefined where there is no gradient (batch_sizes, the
-    // parameters that are None, and the int/bool arguments).
+    return gradients(saved, input_grad, g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr);
+  }
+
+ private:
+  // One unpacked CPU step without projection: seqfast::cell_backward, which skips the layer backward's
+  // per-call allocations and GEMM calls for tiny steps (and hands larger ones back to it).
+  static bool is_cell_step(const variable_list& saved, bool reverse) {
+    const Tensor& input = saved[kInput];
+    return !reverse && !saved[kBatchSizes].defined() && !saved[kWhr].defined() && input.is_cpu() &&
+           input.dim() == 3 && input.size(0) == 1;
+  }
+
+  // One entry per forward argument; undefined where there is no gradient (batch_sizes, the
+  // parameters that are None, and the int/bool arguments).
+  static variable_list gradients(const variable_list& saved, bool input_grad, const Tensor& g_input,
+                                 const Tensor& g_hx, const Tensor& g_cx, const Tensor& g_w_ih,
+                                 const Tensor& g_w_hh, const Tensor& g_b_ih, const Tensor& g_b_hh,
+                                 const Tensor& g_w_hr) {
     const Tensor none;
     auto if_present = [&](Saved slot, const Tensor& g) { return saved[slot].defined() ? g : none; };
     return {input_grad ? g_input : none, none, g_hx, if_present(kCx, g_cx), g_w_ih, g_w_hh,

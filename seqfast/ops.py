@@ -54,6 +54,16 @@ def _cell_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     return hx.new_empty(hx.shape), (cx.new_empty(cx.shape) if mode == 0 else input.new_empty((0,)))
 
 
+@torch.library.register_fake("seqfast::cell_backward")
+def _cell_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, b_ih, b_hh, output, workspace,
+                        mode, input_grad):
+    def like(t):
+        return input.new_empty(t.shape) if t is not None else input.new_empty((0,))
+
+    return (like(input if input_grad else None), like(hx), like(cx), like(w_ih), like(w_hh), like(b_ih),
+            like(b_hh))
+
+
 # The autograd kernel of recurrent_layer_forward is C++ (csrc/autograd.cpp): a Python one, from
 # torch.library.register_autograd, cost more per call than a small cell step's whole math.
 

@@ -11,8 +11,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "dot_rows.h"
 #include "multiversion.h"
@@ -131,10 +133,175 @@ std::tuple<Tensor, Tensor> cell_forward_cpu(const Tensor& input, const Tensor& h
   return {hy, cy};
 }
 
+// ------------------------------------------------------------------------------------------------
+// seqfast::cell_backward: recurrent_layer_backward for one unpacked step (T = 1, no projection, not
+// reversed), from the layer op's saved workspace. The same gate math (gates.h backward functions);
+// the products are row-by-row accumulations, which is all a tiny step needs.
+
+using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&,
+    const OptTensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+    const OptTensor&, const Tensor&, const Tensor&, int64_t, bool, bool);
+
+const c10::TypedOperatorHandle<BackwardSignature>& layer_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("seqfast::recurrent_layer_backward", "")
+                             .typed<BackwardSignature>();
+  return op;
+}
+
+struct CellGrads {
+  const Tensor& go;   // (B, H) gradient of the output, may be undefined
+  const Tensor& ghy;  // (B, H) gradient of hy, may be undefined
+  const Tensor& gcy;  // (B, H) gradient of cy (LSTM), may be undefined
+};
+
+// out (B, n) [+]= d (B, m) @ W (m, n).
+template <typename T>
+SEQFAST_CPU_INLINE void rows_times(const T* d, const T* W, int64_t B, int64_t m, int64_t n, T* out, bool add) {
+  for (int64_t b = 0; b < B; ++b) {
+    T* __restrict o = out + b * n;
+    if (!add) std::fill(o, o + n, T(0));
+    for (int64_t j = 0; j < m; ++j) {
+      const T dj = d[b * m + j];
+      const T* __restrict w = W + j * n;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) o[k] += dj * w[k];
+    }
+  }
+}
+
+// gW (m, n) = d^T (m, B) @ a (B, n); gb (m) = column sums of d (skipped when null).
+template <typename T>
+SEQFAST_CPU_INLINE void outer_sum(const T* d, const T* a, int64_t B, int64_t m, int64_t n, T* gW, T* gb) {
+  std::fill(gW, gW + m * n, T(0));
+  if (gb) std::fill(gb, gb + m, T(0));
+  for (int64_t b = 0; b < B; ++b) {
+    const T* __restrict ab = a + b * n;
+    for (int64_t j = 0; j < m; ++j) {
+      const T dj = d[b * m + j];
+      T* __restrict g = gW + j * n;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) g[k] += dj * ab[k];
+      if (gb) gb[j] += dj;
+    }
+  }
+}
+
+// dgi/dgh: (B, G*H) gradients of x W_ih^T + b_ih and of h W_hh^T + b_hh (the same for LSTM/RNN).
+// dhx: (B, H), receives the part of dL/dh_prev that does not go through W_hh; dcx (B, H) for LSTM.
+template <typename T>
+SEQFAST_CPU_MULTIVERSION void cell_gate_grads(int64_t mode, int64_t B, int64_t H, const T* go, const T* ghy,
+                                              const T* gcy, const T* ws, const T* out, T* dgi, T* dgh,
+                                              T* dhx, T* dcx) {
+  const int64_t GH = gates_of(mode) * H;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < H; ++j) {
+      const T dh = (go ? go[b * H + j] : T(0)) + (ghy ? ghy[b * H + j] : T(0));
+      T* di = dgi + b * GH;
+      if (mode == 0) {  // workspace blocks (B rows each): act 4H, tanh_c H, c_prev H, h_prev H
+        const T* act = ws + b * 4 * H;
+        const T tanh_c = ws[4 * H * B + b * H + j], c_prev = ws[5 * H * B + b * H + j];
+        lstm_pointwise_backward(act[j], act[H + j], act[2 * H + j], act[3 * H + j], tanh_c, c_prev, dh,
+                                gcy ? gcy[b * H + j] : T(0), di[j], di[H + j], di[2 * H + j],
+                                di[3 * H + j], dcx[b * H + j]);
+        dhx[b * H + j] = T(0);
+      } else if (mode == 1) {  // act 3H, gh_n H, h_prev H
+        const T* act = ws + b * 3 * H;
+        const T gh_n = ws[3 * H * B + b * H + j], h_prev = ws[4 * H * B + b * H + j];
+        T* dg = dgh + b * GH;
+        gru_pointwise_backward(act[j], act[H + j], act[2 * H + j], gh_n, h_prev, dh, di[j], di[H + j],
+                               di[2 * H + j], dg[2 * H + j], dhx[b * H + j]);
+        dg[j] = di[j];
+        dg[H + j] = di[H + j];
+      } else {
+        const T h = out[b * H + j];
+        di[j] = mode == 2 ? rnn_pointwise_backward<Activation::Tanh>(h, dh)
+                          : rnn_pointwise_backward<Activation::Relu>(h, dh);
+        dhx[b * H + j] = T(0);
+      }
+    }
+  }
+}
+
+template <typename T>
+SEQFAST_CPU_MULTIVERSION void cell_backward_products(int64_t B, int64_t I, int64_t H, int64_t GH, const T* dgi,
+                                                     const T* dgh, const T* x, const T* h_prev, const T* w_ih,
+                                                     const T* w_hh, T* dx, T* dhx, T* gw_ih, T* gw_hh,
+                                                     T* gb_ih, T* gb_hh) {
+  rows_times(dgh, w_hh, B, GH, H, dhx, /*add=*/true);
+  if (dx) rows_times(dgi, w_ih, B, GH, I, dx, /*add=*/false);
+  outer_sum(dgi, x, B, GH, I, gw_ih, gb_ih);
+  outer_sum(dgh, h_prev, B, GH, H, gw_hh, gb_hh);
+}
+
+// Arguments as recurrent_layer_backward's (batch_sizes, w_hr and reverse absent); grad_output and
+// grad_hy may be None (no gradient reached them). input (1, B, I), output (1, B, H).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cell_backward_cpu(
+    const OptTensor& grad_output_arg, const OptTensor& grad_hy_arg, const OptTensor& grad_cy_arg,
+    const Tensor& input,
+    const Tensor& hx, const OptTensor& cx, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+    const OptTensor& b_hh, const Tensor& output, const Tensor& workspace, int64_t mode, bool input_grad) {
+  TORCH_CHECK(mode >= 0 && mode <= 3, "seqfast.cell_backward: mode must be 0..3, got ", mode);
+  // Incoming gradients are often expanded (the backward of sum() is a stride-0 tensor): densify them,
+  // B*H elements each.
+  const auto dense_grad = [](const OptTensor& g) { return g.has_value() ? OptTensor(g->contiguous()) : g; };
+  const OptTensor grad_output = dense_grad(grad_output_arg), grad_hy = dense_grad(grad_hy_arg),
+                  grad_cy = dense_grad(grad_cy_arg);
+  const bool is_lstm = mode == 0;
+  const bool small = input.dim() == 3 && input.size(0) == 1 && hx.dim() == 2 && w_ih.dim() == 2 &&
+                     w_hh.dim() == 2 && is_lstm == cx.has_value();
+  const int64_t B = small ? input.size(1) : 0, I = small ? input.size(2) : 0, H = small ? hx.size(1) : 0;
+  const int64_t GH = gates_of(mode) * H;
+  const int64_t columns = mode == 0 ? 7 * H : (mode == 1 ? 5 * H : H);  // WorkspaceLayout, no projection
+  const auto dense = [&](const OptTensor& t, std::initializer_list<int64_t> shape) {
+    return !t.has_value() || (same_layout(*t, input) && t->sizes().equals(shape));
+  };
+  const bool fast = small && B * GH * (I + H) <= kMaxCellMacs && same_layout(input, input) &&
+                    (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble) &&
+                    dense(hx, {B, H}) && dense(cx, {B, H}) && dense(w_ih, {GH, I}) && dense(w_hh, {GH, H}) &&
+                    dense(b_ih, {GH}) && dense(b_hh, {GH}) && dense(output, {1, B, H}) &&
+                    dense(grad_output, {1, B, H}) && dense(grad_hy, {B, H}) && dense(grad_cy, {B, H}) &&
+                    same_layout(workspace, input) && workspace.dim() == 1 && workspace.numel() == B * columns;
+  if (!fast) {
+    // The layer op checks every argument (with its own messages) and handles every size and layout.
+    const Tensor go = grad_output.has_value() ? *grad_output : at::zeros_like(output);
+    const Tensor ghy = grad_hy.has_value() ? *grad_hy : at::zeros_like(hx);
+    const auto [g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr] = layer_backward_op().call(
+        go, ghy, grad_cy, input, std::nullopt, hx, cx, w_ih, w_hh, b_ih, b_hh, std::nullopt, output,
+        workspace, mode, /*reverse=*/false, input_grad);
+    return {g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh};
+  }
+  const auto opts = input.options();
+  Tensor g_input = input_grad ? at::empty({1, B, I}, opts) : at::empty({0}, opts);
+  Tensor g_hx = at::empty({B, H}, opts);
+  Tensor g_cx = is_lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
+  Tensor g_w_ih = at::empty({GH, I}, opts), g_w_hh = at::empty({GH, H}, opts);
+  Tensor g_b_ih = at::empty({b_ih ? GH : 0}, opts), g_b_hh = at::empty({b_hh ? GH : 0}, opts);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cell_backward", [&] {
+    using T = scalar_t;
+    const auto ptr = [](const OptTensor& t) { return t.has_value() ? t->data_ptr<T>() : nullptr; };
+    std::vector<T> grads(mode == 1 ? 2 * B * GH : B * GH);
+    T* dgi = grads.data();
+    T* dgh = mode == 1 ? dgi + B * GH : dgi;
+    const T* ws = workspace.data_ptr<T>();
+    cell_gate_grads<T>(mode, B, H, ptr(grad_output), ptr(grad_hy), ptr(grad_cy), ws, output.data_ptr<T>(),
+                       dgi, dgh, g_hx.data_ptr<T>(), is_lstm ? g_cx.data_ptr<T>() : nullptr);
+    // h_prev: the workspace's last block (LSTM at 6H, GRU at 4H, RNN at 0 columns; B rows each).
+    const T* h_prev = ws + (mode == 0 ? 6 * H : (mode == 1 ? 4 * H : 0)) * B;
+    cell_backward_products<T>(B, I, H, GH, dgi, dgh, input.data_ptr<T>(), h_prev, w_ih.data_ptr<T>(),
+                              w_hh.data_ptr<T>(), input_grad ? g_input.data_ptr<T>() : nullptr,
+                              g_hx.data_ptr<T>(), g_w_ih.data_ptr<T>(), g_w_hh.data_ptr<T>(),
+                              b_ih ? g_b_ih.data_ptr<T>() : nullptr, b_hh ? g_b_hh.data_ptr<T>() : nullptr);
+  });
+  return {g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace seqfast
 
 TORCH_LIBRARY_IMPL(seqfast, CPU, m) {
   m.impl("cell_forward", &seqfast::cpu::cell_forward_cpu);
+  m.impl("cell_backward", &seqfast::cpu::cell_backward_cpu);
 }
