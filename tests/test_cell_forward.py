@@ -150,3 +150,61 @@ def test_cells_keep_the_layer_op_under_tracing():
     assert "seqfast::recurrent_layer_forward" in kinds and "seqfast::cell_forward" not in kinds
     with torch.no_grad():
         torch.testing.assert_close(traced(x, state), cell(x, state))
+
+
+# ---------------------------------------------------------------------------------------------------
+# seqfast::cell_backward: the layer backward node's path for one unpacked CPU step.
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("cell", CELLS)
+def test_cell_training_matches_torch(cell, size, dtype):
+    """Outputs and every gradient (input, states, parameters), at the tiny-kernel sizes and at the size
+    handed back to the layer backward op."""
+    from test_cells import _run_cell
+
+    batch, input_size, hidden = size
+    ref, sf = make_cell_pair(cell, dtype, input_size=input_size, hidden_size=hidden)
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(batch, input_size, generator=g, dtype=torch.float64).to(dtype)
+    hx0 = _states(cell, (batch,), hidden, dtype, g)
+    o_ref, g_ref = _run_cell(cell, ref, x0, hx0)
+    o_sf, g_sf = _run_cell(cell, sf, x0, hx0)
+    for a, b in zip(o_sf, o_ref):
+        torch.testing.assert_close(a, b, **tolerance(dtype))
+    for name, expected in g_ref.items():
+        torch.testing.assert_close(g_sf[name], expected, **tolerance(dtype), msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cell_training_with_expanded_gradient(cell):
+    """`out.sum().backward()` hands the node a stride-0 gradient; the kernel must read it correctly."""
+    ref, sf = make_cell_pair(cell, torch.float64, input_size=16, hidden_size=16)
+    x = torch.randn(1, 16, dtype=torch.float64)
+    for m in (ref, sf):
+        out = m(x)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+    for (name, a), b in zip(sf.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **tolerance(torch.float64), msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input_grad", "no_input_grad"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cell_backward_opcheck(cell, input_grad):
+    _, (x, h, c, w_ih, w_hh, b_ih, b_hh, mode) = _op_args(cell, torch.float64)
+    output, _, _, workspace = torch.ops.seqfast.recurrent_layer_forward(
+        x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None, mode, False, True)
+    g = torch.Generator().manual_seed(6)
+    grad_output = torch.randn(output.shape, generator=g, dtype=output.dtype)
+    grad_hy = torch.randn(h.shape, generator=g, dtype=h.dtype)
+    grad_cy = torch.randn(h.shape, generator=g, dtype=h.dtype) if c is not None else None
+    args = (grad_output, grad_hy, grad_cy, x.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh, output, workspace,
+            mode, input_grad)
+    torch.library.opcheck(torch.ops.seqfast.cell_backward.default, args)
+    # The same numbers as the layer backward op it stands in for.
+    got = torch.ops.seqfast.cell_backward(*args)
+    expected = torch.ops.seqfast.recurrent_layer_backward(
+        grad_output, grad_hy, grad_cy, x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None, output,
+        workspace, mode, False, input_grad)
+    for a, b in zip(got, expected[:7]):
+        torch.testing.assert_close(a, b, **tolerance(torch.float64))
