@@ -6,9 +6,10 @@
 // redispatches below autograd to the CPU/CUDA kernel and saves what the backward op needs; the backward
 // calls seqfast::recurrent_layer_backward. Shapes and the fake (meta) implementations are unchanged
 // (csrc/ops.cpp, seqfast/ops.py).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "seqfast/op_handles.h"
 
 #include <algorithm>
 #include <optional>
@@ -22,39 +23,11 @@ using OptTensor = std::optional<Tensor>;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using ForwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
-    const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool, bool);
-using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&,
-    const OptTensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, const Tensor&, const Tensor&, int64_t, bool, bool);
-
-const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("seqfast::recurrent_layer_forward", "")
-                             .typed<ForwardSignature>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("seqfast::recurrent_layer_backward", "")
-                             .typed<BackwardSignature>();
-  return op;
-}
-
-using CellBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&,
-    const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, int64_t,
-    bool);
-
-const c10::TypedOperatorHandle<CellBackwardSignature>& cell_backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("seqfast::cell_backward", "")
-                             .typed<CellBackwardSignature>();
-  return op;
-}
+// Through the dispatcher (csrc/include/seqfast/op_handles.h).
+const auto& forward_op = ops::layer_forward;
+const auto& backward_op = ops::layer_backward;
+const auto& cell_backward_op = ops::cell_backward;
+const auto& cell_op = ops::cell_forward;
 
 OptTensor optional_of(const Tensor& t) {
   return t.defined() ? OptTensor(t) : std::nullopt;
@@ -247,17 +220,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrent_layer_forward_autograd(
   const variable_list out = RecurrentLayer::apply(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh,
                                                   w_hr, mode, reverse, /*training=*/true);
   return {out[0], out[1], out[2], out[3]};
-}
-
-using CellSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
-                                                 const Tensor&, const Tensor&, const OptTensor&,
-                                                 const OptTensor&, int64_t);
-
-const c10::TypedOperatorHandle<CellSignature>& cell_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("seqfast::cell_forward", "")
-                             .typed<CellSignature>();
-  return op;
 }
 
 // seqfast::cell_forward. With a graph to record, it is the layer op at T = 1 (its autograd node and

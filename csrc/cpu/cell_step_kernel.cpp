@@ -8,7 +8,6 @@
 // Gradients never come here: the op's autograd kernel (csrc/autograd.cpp) sends any call that needs
 // a graph to recurrent_layer_forward, so there is one backward.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -19,6 +18,7 @@
 #include "dot_rows.h"
 #include "multiversion.h"
 #include "seqfast/gates.h"
+#include "seqfast/op_handles.h"
 #include "seqfast/recurrent.h"
 
 namespace seqfast {
@@ -34,16 +34,7 @@ constexpr int64_t kMaxCellMacs = int64_t(1) << 16;
 // Gate rows (G*H) of the on-stack pre-activation buffers.
 constexpr int64_t kMaxGateRows = 1024;
 
-using LayerSignature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
-    const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool, bool);
-
-const c10::TypedOperatorHandle<LayerSignature>& layer_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("seqfast::recurrent_layer_forward", "")
-                             .typed<LayerSignature>();
-  return op;
-}
+const auto& layer_op = ops::layer_forward;
 
 int64_t gates_of(int64_t mode) { return mode == 0 ? 4 : (mode == 1 ? 3 : 1); }
 
@@ -138,23 +129,7 @@ std::tuple<Tensor, Tensor> cell_forward_cpu(const Tensor& input, const Tensor& h
 // reversed), from the layer op's saved workspace. The same gate math (gates.h backward functions);
 // the products are row-by-row accumulations, which is all a tiny step needs.
 
-using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&,
-    const OptTensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, const Tensor&, const Tensor&, int64_t, bool, bool);
-
-const c10::TypedOperatorHandle<BackwardSignature>& layer_backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("seqfast::recurrent_layer_backward", "")
-                             .typed<BackwardSignature>();
-  return op;
-}
-
-struct CellGrads {
-  const Tensor& go;   // (B, H) gradient of the output, may be undefined
-  const Tensor& ghy;  // (B, H) gradient of hy, may be undefined
-  const Tensor& gcy;  // (B, H) gradient of cy (LSTM), may be undefined
-};
+const auto& layer_backward_op = ops::layer_backward;
 
 // out (B, n) [+]= d (B, m) @ W (m, n).
 template <typename T>
