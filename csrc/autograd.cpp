@@ -6,11 +6,10 @@
 // redispatches below autograd to the CPU/CUDA kernel and saves what the backward op needs; the backward
 // calls seqfast::recurrent_layer_backward. Shapes and the fake (meta) implementations are unchanged
 // (csrc/ops.cpp, seqfast/ops.py).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "recurrent_layer_op.h"
+#include "seqfast/op_handles.h"
 
 #include <algorithm>
 #include <optional>
@@ -24,19 +23,11 @@ using OptTensor = std::optional<Tensor>;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&,
-    const OptTensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, const Tensor&, const Tensor&, int64_t, bool, bool);
-
-const c10::TypedOperatorHandle<RecurrentForwardSignature>& forward_op() { return recurrent_forward_op(); }
-
-const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("seqfast::recurrent_layer_backward", "")
-                             .typed<BackwardSignature>();
-  return op;
-}
+// Through the dispatcher (csrc/include/seqfast/op_handles.h).
+const auto& forward_op = ops::layer_forward;
+const auto& backward_op = ops::layer_backward;
+const auto& cell_backward_op = ops::cell_backward;
+const auto& cell_op = ops::cell_forward;
 
 OptTensor optional_of(const Tensor& t) {
   return t.defined() ? OptTensor(t) : std::nullopt;
@@ -168,17 +159,40 @@ class RecurrentLayer : public torch::autograd::Function<RecurrentLayer> {
       }
     }
     const Tensor& output = saved[kOutput];
+    const bool input_grad = ctx->needs_input_grad(kInput);
+    if (is_cell_step(saved, reverse)) {
+      const auto [g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh] = cell_backward_op().call(
+          optional_of(grads[0]), optional_of(grads[1]), mode == 0 ? optional_of(grads[2]) : std::nullopt,
+          saved[kInput], saved[kHx], optional_of(saved[kCx]), saved[kWih], saved[kWhh],
+          optional_of(saved[kBih]), optional_of(saved[kBhh]), output, saved[kWorkspace], mode, input_grad);
+      return gradients(saved, input_grad, g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, Tensor());
+    }
     const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
     const Tensor grad_hy = grads[1].defined() ? grads[1] : at::zeros_like(saved[kHx]);
     const OptTensor grad_cy = mode == 0 ? optional_of(grads[2]) : std::nullopt;
-    const bool input_grad = ctx->needs_input_grad(kInput);
     const auto [g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr] = backward_op().call(
         grad_output, grad_hy, grad_cy, saved[kInput], optional_of(saved[kBatchSizes]), saved[kHx],
         optional_of(saved[kCx]), saved[kWih], saved[kWhh], optional_of(saved[kBih]),
         optional_of(saved[kBhh]), optional_of(saved[kWhr]), output, saved[kWorkspace], mode, reverse,
         input_grad);
-    // One entry per forward argument; undefined where there is no gradient (batch_sizes, the
-    // parameters that are None, and the int/bool arguments).
+    return gradients(saved, input_grad, g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr);
+  }
+
+ private:
+  // One unpacked CPU step without projection: seqfast::cell_backward, which skips the layer backward's
+  // per-call allocations and GEMM calls for tiny steps (and hands larger ones back to it).
+  static bool is_cell_step(const variable_list& saved, bool reverse) {
+    const Tensor& input = saved[kInput];
+    return !reverse && !saved[kBatchSizes].defined() && !saved[kWhr].defined() && input.is_cpu() &&
+           input.dim() == 3 && input.size(0) == 1;
+  }
+
+  // One entry per forward argument; undefined where there is no gradient (batch_sizes, the
+  // parameters that are None, and the int/bool arguments).
+  static variable_list gradients(const variable_list& saved, bool input_grad, const Tensor& g_input,
+                                 const Tensor& g_hx, const Tensor& g_cx, const Tensor& g_w_ih,
+                                 const Tensor& g_w_hh, const Tensor& g_b_ih, const Tensor& g_b_hh,
+                                 const Tensor& g_w_hr) {
     const Tensor none;
     auto if_present = [&](Saved slot, const Tensor& g) { return saved[slot].defined() ? g : none; };
     return {input_grad ? g_input : none, none, g_hx, if_present(kCx, g_cx), g_w_ih, g_w_hh,
@@ -208,9 +222,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrent_layer_forward_autograd(
   return {out[0], out[1], out[2], out[3]};
 }
 
+// seqfast::cell_forward. With a graph to record, it is the layer op at T = 1 (its autograd node and
+// backward); without, the backend's cell kernel, which skips the layer op's per-call allocations.
+std::tuple<Tensor, Tensor> cell_forward_autograd(const Tensor& input, const Tensor& hx, const OptTensor& cx,
+                                                 const Tensor& w_ih, const Tensor& w_hh,
+                                                 const OptTensor& b_ih, const OptTensor& b_hh, int64_t mode) {
+  const auto requires_grad = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
+  if (at::GradMode::is_enabled() &&
+      (input.requires_grad() || hx.requires_grad() || requires_grad(cx) || w_ih.requires_grad() ||
+       w_hh.requires_grad() || requires_grad(b_ih) || requires_grad(b_hh))) {
+    const auto [output, hy, cy, workspace] = recurrent_layer_forward_autograd(
+        input.unsqueeze(0), std::nullopt, hx, cx, w_ih, w_hh, b_ih, b_hh, std::nullopt, mode,
+        /*reverse=*/false, /*training=*/true);
+    return {hy, cy};
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return cell_op().call(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode);
+}
+
 }  // namespace
 }  // namespace seqfast
 
 TORCH_LIBRARY_IMPL(seqfast, Autograd, m) {
   m.impl("recurrent_layer_forward", &seqfast::recurrent_layer_forward_autograd);
+  m.impl("cell_forward", &seqfast::cell_forward_autograd);
 }

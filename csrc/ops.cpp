@@ -28,6 +28,24 @@ TORCH_LIBRARY(seqfast, m) {
       "bool input_grad=True) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // One step of a cell: recurrent_layer_forward at T = 1 for unpacked (B, I) input, returning
+  // hy (B, P) and cy (B, H) or empty. The CPU kernel (cpu/cell_step_kernel.cpp) computes tiny steps
+  // without the layer op's per-call allocations; its autograd kernel (autograd.cpp) sends every call
+  // that needs a graph to recurrent_layer_forward, whose backward it shares.
+  m.def(
+      "cell_forward(Tensor input, Tensor hx, Tensor? cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, int mode) -> (Tensor, Tensor)");
+
+  // recurrent_layer_backward for one unpacked step (T = 1, no projection, not reversed): arguments as
+  // there, but grad_output/grad_hy may be None (no gradient reached them). input (1, B, I), output
+  // (1, B, H). Returns grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh (empty
+  // as there). The layer op's backward node calls it for such steps (autograd.cpp).
+  m.def(
+      "cell_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, Tensor hx, "
+      "Tensor? cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor output, "
+      "Tensor workspace, int mode, bool input_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // ---- Attention over packed (varlen) memory; layout and math in include/seqfast/attention.h. ----
   // Common arguments:
   //   cu_seqlens_q: int32 CPU (B+1), query rows of sequence b are [cu_seqlens_q[b], cu_seqlens_q[b+1])

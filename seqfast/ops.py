@@ -49,6 +49,21 @@ def _recurrent_layer_backward_fake(grad_output, grad_hy, grad_cy, input, batch_s
             like(w_hr))
 
 
+@torch.library.register_fake("seqfast::cell_forward")
+def _cell_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    return hx.new_empty(hx.shape), (cx.new_empty(cx.shape) if mode == 0 else input.new_empty((0,)))
+
+
+@torch.library.register_fake("seqfast::cell_backward")
+def _cell_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, b_ih, b_hh, output, workspace,
+                        mode, input_grad):
+    def like(t):
+        return input.new_empty(t.shape) if t is not None else input.new_empty((0,))
+
+    return (like(input if input_grad else None), like(hx), like(cx), like(w_ih), like(w_hh), like(b_ih),
+            like(b_hh))
+
+
 # The autograd kernel of recurrent_layer_forward is C++ (csrc/autograd.cpp): a Python one, from
 # torch.library.register_autograd, cost more per call than a small cell step's whole math.
 
@@ -71,6 +86,9 @@ def recurrent_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mo
 
 # The overload itself: calling it skips the packet's overload resolution on every layer and cell step.
 _RECURRENT_LAYER_FORWARD = torch.ops.seqfast.recurrent_layer_forward.default
+# One eager cell step, (B, I) input: (hy, cy). CPU only; never under tracing, torch.compile or a
+# torch.func transform (seqfast/nn/rnn.py _cell_step keeps those on recurrent_layer, which they know).
+CELL_FORWARD = torch.ops.seqfast.cell_forward.default
 # One C call (~0.1 us): whether any torch.func transform (grad, vjp, vmap, jvp...) is active.
 _transforms_active = func.transforms_active
 torch_implementation_needed = func.torch_implementation_needed

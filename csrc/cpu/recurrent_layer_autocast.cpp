@@ -27,7 +27,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
-#include "../recurrent_layer_op.h"
+#include "seqfast/op_handles.h"
 
 #include <optional>
 #include <tuple>
@@ -56,7 +56,7 @@ Outputs recurrent_layer_forward_autocast(const Tensor& input, const OptTensor& b
   const bool all_castable = castable(input) && castable(hx) && castable(cx) && castable(w_ih) &&
                             castable(w_hh) && castable(b_ih) && castable(b_hh) && castable(w_hr);
   if (low != at::kBFloat16 || !all_castable) {
-    return recurrent_forward_op().call(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode,
+    return ops::layer_forward().call(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode,
                                        reverse, training);
   }
   const auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(low, t, c10::DeviceType::CPU); };
@@ -67,7 +67,7 @@ Outputs recurrent_layer_forward_autocast(const Tensor& input, const OptTensor& b
   // hy, cy and their gradients in their own dtypes, so float32 ones are not rounded to bfloat16 on the
   // way in or out (torch's generic cells keep a float32 state float32 too).
   auto [output, hy, cy, workspace] =
-      recurrent_forward_op().call(cast(input), batch_sizes, hx, cx, cast(w_ih), cast(w_hh), b_ih, b_hh,
+      ops::layer_forward().call(cast(input), batch_sizes, hx, cx, cast(w_ih), cast(w_hh), b_ih, b_hh,
                                   cast_opt(w_hr), mode, reverse, training);
   // The dtypes torch.nn's generic cells give (see the top of this file).
   if (mode == 0) {

@@ -244,60 +244,79 @@ class RNN(_FusedRNNBase):
 # Cells: one time step of the same fused layer kernel (T = 1).
 
 def _check_cell_input(input, hidden_states, input_size, hidden_size):
-    """The checks torch's C++ cells make (ATen/native/RNN.cpp), with the same messages."""
+    """The checks torch's C++ cells make (ATen/native/RNN.cpp), with the same messages (and, through
+    size(), the same IndexError for a 1-D state)."""
+    batch = input.size(0)
     if input.size(1) != input_size:
         raise RuntimeError(
             f"input has inconsistent input_size: got {input.size(1)} expected {input_size}")
     for label, h in enumerate(hidden_states):
-        if input.size(0) != h.size(0):
+        if batch != h.size(0):
             raise RuntimeError(
-                f"Input batch size {input.size(0)} doesn't match hidden{label} batch size {h.size(0)}")
+                f"Input batch size {batch} doesn't match hidden{label} batch size {h.size(0)}")
         if h.size(1) != hidden_size:
             raise RuntimeError(
                 f"hidden{label} has inconsistent hidden_size: got {h.size(1)}, expected {hidden_size}")
 
 
-def _torch_cell_step(cell) -> bool:
-    """Cases the fused kernel does not take, which torch's own cell computes: hidden_size=0 (an empty
-    step: torch returns (B, 0) states, and zero input gradients), and forward-mode AD or nested
-    torch.func differentiation (see seqfast.func.torch_implementation_needed)."""
-    return cell.hidden_size == 0 or ops.torch_implementation_needed()
+# The cells run torch's own implementation (super().forward) where the fused kernel does not apply:
+# dtypes/devices without a kernel, hidden_size=0 (an empty step: torch returns (B, 0) states and zero
+# input gradients), and forward-mode AD or nested torch.func differentiation (see
+# seqfast.func.torch_implementation_needed). The test is written out in each forward: a helper
+# function call costs a measurable share of a ~10 us step.
 
 
-def _cell_step(cell, mode, input, h, c):
-    # Each parameter read goes through Module.__getattr__ (~0.3 us): read them once. A cell step is
-    # ~10 us in all, so this path is kept lean.
-    w_ih, w_hh, b_ih, b_hh = cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
+def _cell_step(params, mode, input, h, c):
+    """One step on batched (B, I) input; returns (hy, cy), cy empty unless LSTM.
+
+    params: the cell's `_parameters` dict. Reading it directly instead of `cell.weight_ih` skips
+    Module.__getattr__'s fallback (~0.3 us a read, four reads), and sees what torch.func.functional_call
+    swaps in (it writes into that dict).
+
+    Eager CPU calls take seqfast::cell_forward, whose C++ autograd kernel records the layer op's node
+    when a graph is needed and otherwise runs a tiny-step kernel without the layer op's allocations
+    (benchmarks/NOTES.md 16). Tracing (ONNX export maps recurrent_layer_forward), torch.compile and
+    torch.func transforms (which need the Python autograd.Function, seqfast/func.py) keep the layer op
+    at T = 1."""
+    w_ih, w_hh, b_ih, b_hh = params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
+    # is_compiling first: under dynamo it is a constant True and the other two are never traced.
+    if input.is_cpu and not (_compiling() or _tracing() or ops._transforms_active()):
+        return ops.CELL_FORWARD(input, h, c, w_ih, w_hh, b_ih, b_hh, mode)
     training = _needs_grad((input, h, c, w_ih, w_hh, b_ih, b_hh))
     _, hy, cy = ops.recurrent_layer(input.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None, mode,
                                     False, training)
     return hy, cy
 
 
+_tracing = torch._C._is_tracing
+_compiling = torch.compiler.is_compiling
+_LSTM_MODE = ops.MODES["LSTM"]
+
+
 class LSTMCell(nn.LSTMCell):
     """Drop-in for torch.nn.LSTMCell, with the fused kernel."""
 
     def forward(self, input, hx=None):
-        if input.dim() not in (1, 2):
-            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        dim = input.dim()
+        if dim != 2 and dim != 1:
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {dim}D instead")
         if hx is not None:
             for idx, value in enumerate(hx):
                 if value.dim() not in (1, 2):
                     raise ValueError(
                         f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
-        if not _has_fused_kernel(input) or _torch_cell_step(self):
+        if not _has_fused_kernel(input) or self.hidden_size == 0 or ops.torch_implementation_needed():
             return super().forward(input, hx)
-        is_batched = input.dim() == 2
-        if not is_batched:
+        if dim == 1:
             input = input.unsqueeze(0)
+            if hx is not None:
+                hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         if hx is None:
             zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
             hx = (zeros, zeros)
-        elif not is_batched:
-            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         _check_cell_input(input, hx, self.input_size, self.hidden_size)
-        hy, cy = _cell_step(self, ops.MODES["LSTM"], input, hx[0], hx[1])
-        return (hy, cy) if is_batched else (hy.squeeze(0), cy.squeeze(0))
+        hy, cy = _cell_step(self._parameters, _LSTM_MODE, input, hx[0], hx[1])
+        return (hy, cy) if dim == 2 else (hy.squeeze(0), cy.squeeze(0))
 
 
 class _SingleStateCell:
@@ -309,23 +328,23 @@ class _SingleStateCell:
         raise NotImplementedError
 
     def forward(self, input, hx=None):
-        if input.dim() not in (1, 2):
-            raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        dim = input.dim()
+        if dim != 2 and dim != 1:
+            raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {dim}D instead")
         if hx is not None and hx.dim() not in (1, 2):
             raise ValueError(f"{self._name}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
-        if not _has_fused_kernel(input) or _torch_cell_step(self):
+        if not _has_fused_kernel(input) or self.hidden_size == 0 or ops.torch_implementation_needed():
             return super().forward(input, hx)
         mode = self._mode()
-        is_batched = input.dim() == 2
-        if not is_batched:
+        if dim == 1:
             input = input.unsqueeze(0)
+            if hx is not None:
+                hx = hx.unsqueeze(0)
         if hx is None:
             hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
-        elif not is_batched:
-            hx = hx.unsqueeze(0)
         _check_cell_input(input, (hx,), self.input_size, self.hidden_size)
-        hy, _ = _cell_step(self, mode, input, hx, None)
-        return hy if is_batched else hy.squeeze(0)
+        hy, _ = _cell_step(self._parameters, mode, input, hx, None)
+        return hy if dim == 2 else hy.squeeze(0)
 
 
 class GRUCell(_SingleStateCell, nn.GRUCell):
