@@ -34,8 +34,6 @@ constexpr int64_t kMaxCellMacs = int64_t(1) << 16;
 // Gate rows (G*H) of the on-stack pre-activation buffers.
 constexpr int64_t kMaxGateRows = 1024;
 
-const auto& layer_op = ops::layer_forward;
-
 int64_t gates_of(int64_t mode) { return mode == 0 ? 4 : (mode == 1 ? 3 : 1); }
 
 // Rows b of (B, I) input and (B, H) states: pre-activations into gi/gh (G*H each), then the gates.
@@ -108,10 +106,7 @@ std::tuple<Tensor, Tensor> cell_forward_cpu(const Tensor& input, const Tensor& h
                       w_hh.size(1) == H && fits(cx, B, H) && fits(b_ih, GH, -1) && fits(b_hh, GH, -1);
   if (!(all_small && dense && shapes)) {
     // The layer op checks every argument (with its own messages) and runs GEMMs for larger steps.
-    const auto [output, hy, cy, workspace] =
-        layer_op().call(input.unsqueeze(0), std::nullopt, hx, cx, w_ih, w_hh, b_ih, b_hh, std::nullopt,
-                        mode, /*reverse=*/false, /*training=*/false);
-    return {hy, cy};
+    return ops::cell_forward_by_layer_op(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode);
   }
   Tensor hy = at::empty({B, H}, input.options());
   Tensor cy = is_lstm ? at::empty({B, H}, input.options()) : at::empty({0}, input.options());
@@ -129,7 +124,6 @@ std::tuple<Tensor, Tensor> cell_forward_cpu(const Tensor& input, const Tensor& h
 // reversed), from the layer op's saved workspace. The same gate math (gates.h backward functions);
 // the products are row-by-row accumulations, which is all a tiny step needs.
 
-const auto& layer_backward_op = ops::layer_backward;
 
 // out (B, n) [+]= d (B, m) @ W (m, n).
 template <typename T>
@@ -240,12 +234,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cell_backward
                     same_layout(workspace, input) && workspace.dim() == 1 && workspace.numel() == B * columns;
   if (!fast) {
     // The layer op checks every argument (with its own messages) and handles every size and layout.
-    const Tensor go = grad_output.has_value() ? *grad_output : at::zeros_like(output);
-    const Tensor ghy = grad_hy.has_value() ? *grad_hy : at::zeros_like(hx);
-    const auto [g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr] = layer_backward_op().call(
-        go, ghy, grad_cy, input, std::nullopt, hx, cx, w_ih, w_hh, b_ih, b_hh, std::nullopt, output,
-        workspace, mode, /*reverse=*/false, input_grad);
-    return {g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh};
+    return ops::cell_backward_by_layer_op(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, b_ih,
+                                          b_hh, output, workspace, mode, input_grad);
   }
   const auto opts = input.options();
   Tensor g_input = input_grad ? at::empty({1, B, I}, opts) : at::empty({0}, opts);

@@ -4,6 +4,7 @@
 // csrc/cpu/cell_step_kernel.cpp). Schemas and argument shapes: csrc/ops.cpp.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <optional>
 #include <tuple>
@@ -50,6 +51,31 @@ inline const c10::TypedOperatorHandle<CellForwardSignature>& cell_forward() {
 inline const c10::TypedOperatorHandle<CellBackwardSignature>& cell_backward() {
   static const auto op = handle<CellBackwardSignature>("seqfast::cell_backward");
   return op;
+}
+
+// The cell ops as the layer op at T = 1: the CPU cell kernels hand larger or unusual steps to these, and
+// on devices without a cell kernel of their own (CUDA) they are the cell ops' kernels. The layer ops
+// check every argument with their own messages.
+inline std::tuple<Tensor, Tensor> cell_forward_by_layer_op(const Tensor& input, const Tensor& hx,
+                                                           const OptTensor& cx, const Tensor& w_ih,
+                                                           const Tensor& w_hh, const OptTensor& b_ih,
+                                                           const OptTensor& b_hh, int64_t mode) {
+  const auto [output, hy, cy, workspace] =
+      layer_forward().call(input.unsqueeze(0), std::nullopt, hx, cx, w_ih, w_hh, b_ih, b_hh, std::nullopt,
+                           mode, /*reverse=*/false, /*training=*/false);
+  return {hy, cy};
+}
+
+inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cell_backward_by_layer_op(
+    const OptTensor& grad_output, const OptTensor& grad_hy, const OptTensor& grad_cy, const Tensor& input,
+    const Tensor& hx, const OptTensor& cx, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+    const OptTensor& b_hh, const Tensor& output, const Tensor& workspace, int64_t mode, bool input_grad) {
+  const Tensor go = grad_output.has_value() ? *grad_output : at::zeros_like(output);
+  const Tensor ghy = grad_hy.has_value() ? *grad_hy : at::zeros_like(hx);
+  const auto [g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr] = layer_backward().call(
+      go, ghy, grad_cy, input, std::nullopt, hx, cx, w_ih, w_hh, b_ih, b_hh, std::nullopt, output,
+      workspace, mode, /*reverse=*/false, input_grad);
+  return {g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh};
 }
 
 }  // namespace ops
