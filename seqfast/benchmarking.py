@@ -77,6 +77,16 @@ def _median_iqr(xs):
     return med, q3 - q1
 
 
+def warm_up_and_calibrate(fns, warmup, min_sample_s):
+    """Run each contestant `warmup` times (round robin); return the calls per sample (`inner`) that make
+    the fastest one's sample last at least min_sample_s."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    fastest = min(_time_calls(f, 1) for f in fns)
+    return max(1, math.ceil(min_sample_s / max(fastest, 1e-9)))
+
+
 def time_interleaved(fns, repeats, warmup, min_sample_s, max_time_s=None, min_repeats=5):
     """Time zero-argument callables against each other.
 
@@ -88,11 +98,7 @@ def time_interleaved(fns, repeats, warmup, min_sample_s, max_time_s=None, min_re
     After max_time_s (if given) it stops early, but never before min_repeats:
     one canonical LSTM training step takes seconds on 2 cores.
     """
-    for _ in range(warmup):
-        for f in fns:
-            f()
-    fastest = min(_time_calls(f, 1) for f in fns)
-    inner = max(1, math.ceil(min_sample_s / max(fastest, 1e-9)))
+    inner = warm_up_and_calibrate(fns, warmup, min_sample_s)
     samples = [[] for _ in fns]
     # Like timeit: a collection landing in one implementation's sample is noise.
     gc_was_enabled = gc.isenabled()

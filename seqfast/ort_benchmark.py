@@ -77,11 +77,7 @@ def time_blocked(fns, repeats, warmup, min_sample_s, max_time_s=None, min_repeat
     """Like benchmarking.time_interleaved (same return value), but in blocks of samples per contestant
     with a pause before each block. A sample is `inner` back-to-back calls, calibrated on the fastest."""
     pause_s = PAUSE_S if pause_s is None else pause_s
-    for f in fns:
-        for _ in range(warmup):
-            f()
-    fastest = min(benchmarking._time_calls(f, 1) for f in fns)
-    inner = max(1, math.ceil(min_sample_s / max(fastest, 1e-9)))
+    inner = benchmarking.warm_up_and_calibrate(fns, warmup, min_sample_s)
     per_block = max(1, math.ceil(repeats / blocks))
     samples = [[] for _ in fns]
     gc_was_enabled = gc.isenabled()

@@ -88,4 +88,7 @@ Outputs recurrent_layer_forward_autocast(const Tensor& input, const OptTensor& b
 
 TORCH_LIBRARY_IMPL(seqfast, AutocastCPU, m) {
   m.impl("recurrent_layer_forward", &seqfast::cpu::recurrent_layer_forward_autocast);
+  // A cell step under autocast is the layer op at T = 1, called through the dispatcher so that the
+  // policy above applies (cell_forward's own kernels have no bf16 path and no autocast rules).
+  m.impl("cell_forward", &seqfast::ops::cell_forward_by_layer_op);
 }

@@ -276,11 +276,11 @@ def _cell_step(params, mode, input, h, c):
     Eager CPU calls take seqfast::cell_forward, whose C++ autograd kernel records the layer op's node
     when a graph is needed and otherwise runs a tiny-step kernel without the layer op's allocations
     (benchmarks/NOTES.md 16). Tracing (ONNX export maps recurrent_layer_forward), torch.compile and
-    torch.func transforms (which need the Python autograd.Function, seqfast/func.py) and autocast keep
-    the layer op at T = 1."""
+    torch.func transforms (which need the Python autograd.Function, seqfast/func.py) keep the layer op
+    at T = 1; under autocast, cell_forward's AutocastCPU kernel is the layer op at T = 1."""
     w_ih, w_hh, b_ih, b_hh = params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
     # is_compiling first: under dynamo it is a constant True and the other two are never traced.
-    if input.is_cpu and not (_compiling() or _tracing() or ops._transforms_active() or _autocast()):
+    if input.is_cpu and not (_compiling() or _tracing() or ops._transforms_active()):
         return ops.CELL_FORWARD(input, h, c, w_ih, w_hh, b_ih, b_hh, mode)
     training = _needs_grad((input, h, c, w_ih, w_hh, b_ih, b_hh))
     _, hy, cy = ops.recurrent_layer(input.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None, mode,
@@ -289,9 +289,6 @@ def _cell_step(params, mode, input, h, c):
 
 
 _tracing = torch._C._is_tracing
-# Under autocast the layer op's AutocastCPU kernel applies torch.nn's dtype rules (bf16 GEMMs, the
-# cells' output dtypes); cell_forward has no autocast policy of its own, so it is not taken there.
-_autocast = torch._C._is_any_autocast_enabled
 _compiling = torch.compiler.is_compiling
 _LSTM_MODE = ops.MODES["LSTM"]
 
