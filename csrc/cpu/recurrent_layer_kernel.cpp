@@ -8,19 +8,26 @@
 // Padded input is treated as packed input with every batch size equal to B, so there is one code path
 // and packed sequences cost no work on padding: step t touches rows [0, batch[t]) only.
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
 #include "buffers.h"
 #include "multiversion.h"
 #include "row_gemm.h"
+#include "small_gemm.h"
 #include "seqfast/gates.h"
 #include "seqfast/recurrent.h"
 #include "seqfast/recurrent_args.h"
@@ -565,6 +572,376 @@ void for_each_band(const std::vector<int64_t>& edges, const F& f) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Unit split: the forward time loop of a large layer as ONE parallel region in which each thread owns
+// a slice of the hidden units for the whole sequence (the column split of benchmarks/NOTES.md 18; what
+// oneDNN's RNN primitive and onnxruntime's deep-CPU LSTM do). For its units, a thread computes the
+// step's recurrent GEMM columns (every gate of those units: W_hh's rows permuted so that a slice's
+// columns are contiguous), runs the gate pass on them and writes its columns of h and c; then one
+// barrier per step, since the next step's GEMM reads every column of h. Against the default loop
+// (each step's GEMM and gate pass parallelized separately) this removes two fork/joins per step, the
+// per-step boxed oneDNN call and its fresh result tensor, and each thread's W_hh slice stays in its own
+// core's cache from step to step. The input projection of all steps stays one GEMM before the loop, on
+// W_ih's rows permuted the same way, so a slice's gate inputs are contiguous too.
+//
+// Used for the forward of unprojected layers whose per-step GEMM is large (the row bands of
+// row_bands() serve the small ones), with an OpenMP torch (the barrier needs every chunk of a
+// parallel_for running at once: OpenMP gives each team thread one chunk; a task pool may not).
+// SEQFAST_UNIT_SPLIT=0 turns it off, =1 forces it (two slices whatever the size; the tests use this).
+
+#if AT_PARALLEL_OPENMP
+constexpr bool kUnitSplitBuild = true;
+#else
+constexpr bool kUnitSplitBuild = false;
+#endif
+
+// Slice edges over the hidden units (multiples of 16, one vector of floats), or {} for the default loop.
+// Rows of the input projection per chunk (see layer_forward_unit_split).
+constexpr int64_t kChunkRows = 512;
+
+std::vector<int64_t> unit_split_edges(const Schedule& s, const LayerDims& d, const Tensor& w_ih,
+                                      const Tensor& w_hh) {
+  if (!kUnitSplitBuild || d.projected || d.H != d.P || s.steps() == 0 || at::in_parallel_region()) return {};
+  const char* env = std::getenv("SEQFAST_UNIT_SPLIT");
+  const bool forced = env != nullptr && std::strcmp(env, "1") == 0;
+  if (env != nullptr && std::strcmp(env, "0") == 0) return {};
+  // bfloat16 needs the float32-result micro-kernel for the slices' GEMMs (bf16_gemm.h: even I and H).
+  if (w_hh.scalar_type() == at::kBFloat16 &&
+      (!bf16_gemm_supports(w_hh, s.tokens) || !bf16_gemm_supports(w_ih, s.tokens))) {
+    return {};
+  }
+  int64_t parts = 0, granule = 16;
+  if (forced) {
+    parts = std::min<int64_t>(2, d.H);
+    granule = 1;
+  } else {
+    const int64_t per_step_macs = s.max_batch * d.G * d.H * d.P;
+    if (per_step_macs < (int64_t(1) << 22)) return {};
+    // float32 at fewer than 8 rows (the micro-kernel's tile): each step streams W_hh from L3 at the
+    // memory's pace, and oneDNN's per-step matmul did that faster (small-batch T=64, B=4, I=H=1024: 36
+    // ms against 42-44 with the split); bfloat16 halves the bytes and gains (28 -> 23 ms).
+    if (w_hh.scalar_type() != at::kBFloat16 && s.max_batch < 8) return {};
+    // At least 32 units a slice, so each row's gate pass is two full vectors or more.
+    parts = std::min<int64_t>(at::get_num_threads(), d.H / 32);
+  }
+  if (parts < 2) return {};
+  const int64_t blocks = (d.H + granule - 1) / granule;
+  std::vector<int64_t> edges;
+  for (int64_t j = 0; j <= parts; ++j) edges.push_back(std::min(d.H, blocks * j / parts * granule));
+  return edges;
+}
+
+// Waiting for the other slices at the end of a step. Each thread adds the slices it finished; all are
+// done with step `step` when the count reaches parts * (step + 1). It spins ~20 us (a step's imbalance
+// is usually shorter) and then yields the core, so that a busy machine's other processes are not starved
+// by a waiting thread (NOTES 11).
+class StepBarrier {
+ public:
+  // false: another thread failed (its exception reaches the caller through at::parallel_for).
+  bool arrive_and_wait(int64_t done, int64_t target) {
+    if (finished_.fetch_add(done, std::memory_order_acq_rel) + done >= target) return true;
+    const auto start = std::chrono::steady_clock::now();
+    bool spinning = true;
+    for (int64_t k = 1;; ++k) {
+      if (finished_.load(std::memory_order_acquire) >= target) return true;
+      if (failed_.load(std::memory_order_relaxed)) return false;
+      if (spinning) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if (k % 64 == 0 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(20)) spinning = false;
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+  void fail() { failed_.store(true, std::memory_order_relaxed); }
+
+ private:
+  std::atomic<int64_t> finished_{0};
+  std::atomic<bool> failed_{false};
+};
+
+// One slice's share of W_hh: c (rows, n) = a (rows, k) @ W_slice^T in the compute type. prepare() packs
+// the weight on the thread that will use it (in parallel, into that core's cache). float32: W_slice^T in
+// column panels for small_gemm.h's AVX-512 micro-kernel (at::mm_out, i.e. MKL, packs B on every call:
+// 5% of an nmt-enc inference; ~120-130 GF/s for oneDNN's brgemm ukernel at 64x512x1024 on one core,
+// ~158 for MKL); bfloat16: the float32-result micro-kernel of bf16_gemm.h; double (and CPUs without
+// AVX-512): at::mm_out, single-threaded inside the parallel region.
+template <typename T>
+class SliceGemm {
+ public:
+  explicit SliceGemm(Tensor weight) : weight_(std::move(weight)) {}
+
+  void prepare() {
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      bf16_.emplace(weight_);
+    } else if constexpr (std::is_same_v<T, float>) {
+      if (small_gemm_available()) {
+        const Tensor w = weight_.contiguous();
+        panels_ = at::empty({weight_panels_size(w.size(0), w.size(1))}, w.options());
+        pack_weight_panels(w.data_ptr<float>(), w.size(1), w.size(0), w.size(1), panels_.data_ptr<float>());
+      }
+    }
+  }
+
+  // c (+)= a @ W_slice^T
+  void run(int64_t rows, const T* a, int64_t lda, acc_t<T>* c, int64_t ldc, bool accumulate) const {
+    if (rows <= 0) return;
+    const int64_t n = weight_.size(0), k = weight_.size(1);
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      bf16_->run(rows, a, lda, c, ldc, accumulate);
+      return;
+    } else {
+      if constexpr (std::is_same_v<T, float>) {
+        if (panels_.defined()) {
+          panel_gemm(rows, n, k, a, lda, panels_.data_ptr<float>(), c, ldc, accumulate);
+          return;
+        }
+      }
+      const auto opts = weight_.options();
+      const Tensor a_t = at::from_blob(const_cast<T*>(a), {rows, k}, {lda, 1}, opts);
+      Tensor c_t = at::from_blob(c, {rows, n}, {ldc, 1}, opts);
+      if (accumulate) {
+        c_t.addmm_(a_t, weight_.t());
+      } else {
+        at::mm_out(c_t, a_t, weight_.t());
+      }
+    }
+  }
+
+ private:
+  Tensor weight_;  // (n, k): the slice's rows of W_hh
+  Tensor panels_;
+  std::optional<Bf16Gemm> bf16_;
+};
+
+// A slice's gate pass over rows [0, rows) of one step. gx/gh/b_hh hold the slice's G*hj gate columns
+// (gate k of unit j at k*hj + j); h, c and the saved (rows, H) blocks are the full-width rows, offset
+// to the slice's first unit; act_scratch is (rows, G*hj), scattered to the workspace's (rows, G*H) act.
+template <typename T>
+struct SliceStep {
+  const acc_t<T>* gx;  // row b at gx + b * gx_stride
+  int64_t gx_stride;
+  const acc_t<T>* gh;  // (rows, G*hj)
+  const acc_t<T>* b_hh;
+  const T* h_prev_carried;  // rows [0, carried): the previous step's output rows (stride H)
+  const T* h_prev_initial;  // rows [carried, rows): h0's rows (stride H), indexed from row 0
+  int64_t carried;
+  acc_t<T>* c;   // LSTM: (B, H) cell state
+  T* h;          // (rows, H) output rows
+  T* act_scratch;
+  T* act;        // (rows, G*H) workspace act, or nullptr
+  T* tanh_c;     // LSTM (rows, H)
+  T* c_prev;     // LSTM (rows, H)
+  T* gh_n;       // GRU (rows, H)
+  int64_t H, hj, u0;
+};
+
+template <int G, typename T>
+SEQFAST_CPU_INLINE void scatter_act(const SliceStep<T>& p, int64_t b) {
+  for (int k = 0; k < G; ++k) {
+    std::memcpy(p.act + b * G * p.H + k * p.H + p.u0, p.act_scratch + b * G * p.hj + k * p.hj, sizeof(T) * p.hj);
+  }
+}
+
+template <typename T, bool Save>
+SEQFAST_CPU_MULTIVERSION void lstm_slice_rows(const SliceStep<T>& p, int64_t rows) {
+  const int64_t H = p.H, hj = p.hj, u0 = p.u0;
+  for (int64_t b = 0; b < rows; ++b) {
+    lstm_forward_row<T, Save>(hj, p.gx + b * p.gx_stride, p.gh + b * 4 * hj, p.b_hh, p.c + b * H + u0,
+                              p.h + b * H + u0, Save ? p.act_scratch + b * 4 * hj : nullptr,
+                              Save ? p.tanh_c + b * H + u0 : nullptr, Save ? p.c_prev + b * H + u0 : nullptr);
+    if (Save) scatter_act<4>(p, b);
+  }
+}
+
+template <typename T, bool Save>
+SEQFAST_CPU_MULTIVERSION void gru_slice_rows(const SliceStep<T>& p, int64_t rows) {
+  const int64_t H = p.H, hj = p.hj, u0 = p.u0;
+  for (int64_t b = 0; b < rows; ++b) {
+    const T* hp = (b < p.carried ? p.h_prev_carried : p.h_prev_initial) + b * H + u0;
+    gru_forward_row<T, Save>(hj, p.gx + b * p.gx_stride, p.gh + b * 3 * hj, p.b_hh, hp, p.h + b * H + u0,
+                             Save ? p.act_scratch + b * 3 * hj : nullptr, Save ? p.gh_n + b * H + u0 : nullptr);
+    if (Save) scatter_act<3>(p, b);
+  }
+}
+
+template <typename T, Activation A_>
+SEQFAST_CPU_MULTIVERSION void rnn_slice_rows(const SliceStep<T>& p, int64_t rows) {
+  for (int64_t b = 0; b < rows; ++b) {
+    rnn_forward_row<T, A_>(p.hj, p.gx + b * p.gx_stride, p.gh + b * p.hj, p.b_hh, p.h + b * p.H + p.u0);
+  }
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_unit_split(
+    const Tensor& input, const Schedule& s, const LayerDims& d, const Tensor& hx, const OptTensor& cx,
+    const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, bool reverse,
+    bool training, const std::vector<int64_t>& edges) {
+  using A = acc_t<T>;
+  const int64_t N = s.tokens, H = d.H, G = d.G, GH = d.G * d.H, B = d.B;
+  const int64_t parts = static_cast<int64_t>(edges.size()) - 1;
+  const auto opts = input.options();
+  const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<A>::value);
+  const bool is_lstm = d.kind == CellKind::LSTM, is_gru = d.kind == CellKind::GRU;
+
+  // Slice j's columns: gate 0 of its units, gate 1 of its units, ... (torch's gate order within).
+  std::vector<int64_t> order;
+  order.reserve(GH);
+  for (int64_t j = 0; j < parts; ++j) {
+    for (int64_t k = 0; k < G; ++k) {
+      for (int64_t u = edges[j]; u < edges[j + 1]; ++u) order.push_back(k * H + u);
+    }
+  }
+  const Tensor index = at::tensor(order, at::TensorOptions().dtype(at::kLong));
+  const Tensor x = input.reshape({N, d.I}).contiguous();
+  const Tensor w_ih_sliced = w_ih.index_select(0, index).contiguous();
+  const Tensor bias_ih =
+      b_ih.has_value() ? b_ih->to(acc_opts.dtype()).index_select(0, index).contiguous() : Tensor();
+  const Tensor bias_hh = (b_hh.has_value() ? b_hh->to(acc_opts.dtype()) : at::zeros({GH}, acc_opts))
+                             .index_select(0, index).contiguous();
+  const Tensor w_hh_sliced = w_hh.index_select(0, index).contiguous();
+
+  Tensor output = empty_buffer({N, H}, opts);
+  const Tensor h0 = hx.to(opts, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  Tensor c_state = is_lstm ? cx->to(acc_opts, /*non_blocking=*/false, /*copy=*/true).contiguous()
+                           : at::empty({0}, acc_opts);
+  const WorkspaceLayout L(d.kind, H, H, /*projected=*/false);
+  Tensor ws = empty_buffer({training ? N * L.columns : 0}, opts);
+  const WorkspaceView W{ws, L, N};
+
+  // The input projection x W_ih^T + b_ih is computed per chunk of steps, each thread for its slice's
+  // columns, into a buffer reused from chunk to chunk: ~512 rows keep its GEMM efficient, and the
+  // projection of all steps (52 MB of float32 at T=100, B=64, H=512) is never materialized. That
+  // buffer's page faults and its round trip through memory were ~9% and most of the gate pass's ~26% of
+  // a bf16 canonical LSTM inference with it (perf).
+  const int64_t chunk_steps = std::max<int64_t>(1, kChunkRows / s.max_batch);
+  std::vector<SliceGemm<T>> gemms, input_gemms;
+  std::vector<Tensor> gh_scratch, gx_chunk, act_scratch;
+  for (int64_t j = 0; j < parts; ++j) {
+    const int64_t hj = edges[j + 1] - edges[j];
+    gemms.emplace_back(w_hh_sliced.narrow(0, G * edges[j], G * hj));
+    input_gemms.emplace_back(w_ih_sliced.narrow(0, G * edges[j], G * hj));
+    gh_scratch.push_back(at::empty({s.max_batch, G * hj}, acc_opts));
+    gx_chunk.push_back(at::empty({chunk_steps * s.max_batch, G * hj}, acc_opts));
+    act_scratch.push_back(at::empty({training && G > 1 ? s.max_batch * G * hj : 0}, opts));
+  }
+
+  const T* out_data = output.data_ptr<T>();
+  StepBarrier barrier;
+  const at::ThreadLocalState caller_state;  // see for_each_band
+  at::parallel_for(0, parts, 1, [&](int64_t k0, int64_t k1) {
+    at::ThreadLocalStateGuard guard(caller_state);
+    try {
+      for (int64_t j = k0; j < k1; ++j) {
+        gemms[j].prepare();
+        input_gemms[j].prepare();
+      }
+      int64_t chunk_row0 = 0;
+      for (int64_t step = 0; step < s.steps(); ++step) {
+        const int64_t t = reverse ? s.steps() - 1 - step : step;
+        const int64_t rows = s.batch[t], row0 = s.offset[t];
+        if (step % chunk_steps == 0) {  // the input projection of this chunk's tokens (contiguous rows)
+          const int64_t last = std::min(step + chunk_steps, s.steps()) - 1;
+          const int64_t t_last = reverse ? s.steps() - 1 - last : last;
+          const int64_t t_lo = std::min(t, t_last), t_hi = std::max(t, t_last);
+          chunk_row0 = s.offset[t_lo];
+          const int64_t chunk_rows = s.offset[t_hi] + s.batch[t_hi] - chunk_row0;
+          for (int64_t j = k0; j < k1; ++j) {
+            const int64_t width = G * (edges[j + 1] - edges[j]);
+            A* gxj = gx_chunk[j].data_ptr<A>();
+            if (bias_ih.defined()) {
+              const A* bias = bias_ih.data_ptr<A>() + G * edges[j];
+              for (int64_t r = 0; r < chunk_rows; ++r) std::memcpy(gxj + r * width, bias, sizeof(A) * width);
+            }
+            input_gemms[j].run(chunk_rows, x.data_ptr<T>() + chunk_row0 * d.I, d.I, gxj, width,
+                               /*accumulate=*/bias_ih.defined());
+          }
+        }
+        // h_prev: rows the previous step computed come from its output rows; the others (all at the
+        // first step; for the reverse direction of a packed batch, the sequences that start here) from h0.
+        const int64_t t_prev = reverse ? t + 1 : t - 1;
+        const int64_t carried = step == 0 ? 0 : std::min(rows, s.batch[t_prev]);
+        const T* prev = step == 0 ? nullptr : out_data + s.offset[t_prev] * H;
+        for (int64_t j = k0; j < k1; ++j) {
+          const int64_t u0 = edges[j], hj = edges[j + 1] - u0;
+          A* gh = gh_scratch[j].data_ptr<A>();
+          gemms[j].run(carried, prev, H, gh, G * hj, /*accumulate=*/false);
+          gemms[j].run(rows - carried, h0.data_ptr<T>() + carried * H, H, gh + carried * G * hj, G * hj,
+                       /*accumulate=*/false);
+          if (training) {  // this slice's columns of h_prev, for the backward
+            T* saved = W.rows<T>(L.h_prev, row0, H);
+            for (int64_t b = 0; b < rows; ++b) {
+              const T* src = (b < carried ? prev : h0.data_ptr<T>()) + b * H + u0;
+              std::memcpy(saved + b * H + u0, src, sizeof(T) * hj);
+            }
+          }
+          SliceStep<T> p{};
+          p.gx = gx_chunk[j].data_ptr<A>() + (row0 - chunk_row0) * G * hj;
+          p.gx_stride = G * hj;
+          p.gh = gh;
+          p.b_hh = bias_hh.data_ptr<A>() + G * u0;
+          p.h_prev_carried = prev;
+          p.h_prev_initial = h0.data_ptr<T>();
+          p.carried = carried;
+          p.h = output.data_ptr<T>() + row0 * H;
+          p.H = H;
+          p.hj = hj;
+          p.u0 = u0;
+          if (training) {
+            p.act_scratch = act_scratch[j].data_ptr<T>();
+            p.act = G > 1 ? W.rows<T>(L.act, row0, G * H) : nullptr;
+          }
+          if (is_lstm) {
+            p.c = c_state.data_ptr<A>();
+            if (training) {
+              p.tanh_c = W.rows<T>(L.tanh_c, row0, H);
+              p.c_prev = W.rows<T>(L.c_prev, row0, H);
+              lstm_slice_rows<T, true>(p, rows);
+            } else {
+              lstm_slice_rows<T, false>(p, rows);
+            }
+          } else if (is_gru) {
+            if (training) {
+              p.gh_n = W.rows<T>(L.gh_n, row0, H);
+              gru_slice_rows<T, true>(p, rows);
+            } else {
+              gru_slice_rows<T, false>(p, rows);
+            }
+          } else if (d.kind == CellKind::RNN_TANH) {
+            rnn_slice_rows<T, Activation::Tanh>(p, rows);
+          } else {
+            rnn_slice_rows<T, Activation::Relu>(p, rows);
+          }
+        }
+        if (!barrier.arrive_and_wait(k1 - k0, parts * (step + 1))) return;
+      }
+    } catch (...) {
+      barrier.fail();
+      throw;
+    }
+  });
+
+  // h_n: each sequence's last output row (forward: its last step; reverse: step 0, where all are active).
+  Tensor h_state = h0;
+  for (int64_t b = 0; b < s.max_batch; ++b) {
+    int64_t t_last = 0;
+    if (!reverse) {
+      while (t_last + 1 < s.steps() && s.batch[t_last + 1] > b) ++t_last;
+    }
+    std::memcpy(h_state.data_ptr<T>() + b * H, out_data + (s.offset[t_last] + b) * H, sizeof(T) * H);
+  }
+
+  const auto out_shape = [&] {
+    auto sizes = input.sizes().vec();
+    sizes.back() = H;
+    return sizes;
+  }();
+  return {output.view(out_shape), h_state.to(hx.scalar_type()),
+          is_lstm ? c_state.to(cx->scalar_type()) : c_state.to(opts.dtype()), ws};
+}
+
+// ------------------------------------------------------------------------------------------------
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
     const Tensor& input, const Schedule& s, const LayerDims& d, const Tensor& hx, const OptTensor& cx,
@@ -575,6 +952,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   const auto opts = input.options();
   const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<A>::value);
   const bool is_lstm = d.kind == CellKind::LSTM, is_gru = d.kind == CellKind::GRU;
+  if (const auto edges = unit_split_edges(s, d, w_ih, w_hh); !edges.empty()) {
+    return layer_forward_unit_split<T>(input, s, d, hx, cx, w_ih, w_hh, b_ih, b_hh, reverse, training, edges);
+  }
 
   const Tensor x = input.reshape({N, d.I});
   const Tensor gx = cpu::input_projection(x, w_ih, b_ih);  // (N, G*H) in A: every step's x W_ih^T + b_ih

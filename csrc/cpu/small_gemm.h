@@ -15,5 +15,17 @@ bool small_gemm_available();
 void small_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                 int64_t ldb, float* c, int64_t ldc, bool accumulate);
 
+// The same micro-kernel on a weight packed once into column panels, for the per-thread slices of the
+// unit-split time loop (recurrent_layer_kernel.cpp), whose weights are far larger than small_gemm's:
+// panel p holds columns [32p, 32p + 32) of W^T as k rows of 32 contiguous floats (zero past n), so the
+// kernel streams each panel sequentially from the core's own L2, with no per-call packing (MKL's sgemm
+// copies B on every call: 5% of an nmt-enc LSTM inference, perf).
+int64_t weight_panels_size(int64_t n, int64_t k);  // floats
+// W (n x k, rows ldw apart, row-major) -> panels of W^T.
+void pack_weight_panels(const float* w, int64_t ldw, int64_t n, int64_t k, float* panels);
+// C (m x n, rows ldc apart) (+)= A (m x k, rows lda apart) @ W^T.
+void panel_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* panels, float* c,
+                int64_t ldc, bool accumulate);
+
 }  // namespace cpu
 }  // namespace seqfast
