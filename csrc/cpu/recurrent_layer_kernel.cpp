@@ -598,7 +598,7 @@ constexpr bool kUnitSplitBuild = false;
 
 // Slice edges over the hidden units (multiples of 16, one vector of floats), or {} for the default loop.
 // Rows of the input projection per chunk (see layer_forward_unit_split).
-constexpr int64_t kChunkRows = 512;
+constexpr int64_t kChunkRows = 256;
 
 std::vector<int64_t> unit_split_edges(const Schedule& s, const LayerDims& d, const Tensor& w_ih,
                                       const Tensor& w_hh) {
@@ -672,37 +672,40 @@ class StepBarrier {
 template <typename T>
 class SliceGemm {
  public:
-  explicit SliceGemm(Tensor weight) : weight_(std::move(weight)) {}
+  // Rows rows[0..n) of `weight` (k columns) form the slice's W; `rows` must outlive the object.
+  SliceGemm(Tensor weight, const int64_t* rows, int64_t n)
+      : full_(std::move(weight)), rows_(rows), n_(n), k_(full_.size(1)) {}
 
   void prepare() {
-    if constexpr (std::is_same_v<T, at::BFloat16>) {
-      bf16_.emplace(weight_);
-    } else if constexpr (std::is_same_v<T, float>) {
-      if (small_gemm_available()) {
-        const Tensor w = weight_.contiguous();
-        panels_ = at::empty({weight_panels_size(w.size(0), w.size(1))}, w.options());
-        pack_weight_panels(w.data_ptr<float>(), w.size(1), w.size(0), w.size(1), panels_.data_ptr<float>());
+    if constexpr (std::is_same_v<T, float>) {
+      if (small_gemm_available()) {  // packed straight from the full weight's rows: no gathered copy
+        const Tensor w = full_.contiguous();
+        panels_ = at::empty({weight_panels_size(n_, k_)}, w.options());
+        pack_weight_panels(w.data_ptr<float>(), k_, rows_, n_, k_, panels_.data_ptr<float>());
+        return;
       }
     }
+    const Tensor index = at::from_blob(const_cast<int64_t*>(rows_), {n_}, at::TensorOptions().dtype(at::kLong));
+    weight_ = full_.index_select(0, index);
+    if constexpr (std::is_same_v<T, at::BFloat16>) bf16_.emplace(weight_);
   }
 
   // c (+)= a @ W_slice^T
   void run(int64_t rows, const T* a, int64_t lda, acc_t<T>* c, int64_t ldc, bool accumulate) const {
     if (rows <= 0) return;
-    const int64_t n = weight_.size(0), k = weight_.size(1);
     if constexpr (std::is_same_v<T, at::BFloat16>) {
       bf16_->run(rows, a, lda, c, ldc, accumulate);
       return;
     } else {
       if constexpr (std::is_same_v<T, float>) {
         if (panels_.defined()) {
-          panel_gemm(rows, n, k, a, lda, panels_.data_ptr<float>(), c, ldc, accumulate);
+          panel_gemm(rows, n_, k_, a, lda, panels_.data_ptr<float>(), c, ldc, accumulate);
           return;
         }
       }
       const auto opts = weight_.options();
-      const Tensor a_t = at::from_blob(const_cast<T*>(a), {rows, k}, {lda, 1}, opts);
-      Tensor c_t = at::from_blob(c, {rows, n}, {ldc, 1}, opts);
+      const Tensor a_t = at::from_blob(const_cast<T*>(a), {rows, k_}, {lda, 1}, opts);
+      Tensor c_t = at::from_blob(c, {rows, n_}, {ldc, 1}, opts);
       if (accumulate) {
         c_t.addmm_(a_t, weight_.t());
       } else {
@@ -712,7 +715,10 @@ class SliceGemm {
   }
 
  private:
-  Tensor weight_;  // (n, k): the slice's rows of W_hh
+  Tensor full_;
+  const int64_t* rows_;
+  int64_t n_, k_;
+  Tensor weight_;  // (n, k): the slice's rows, gathered (bfloat16 and the at::mm_out path)
   Tensor panels_;
   std::optional<Bf16Gemm> bf16_;
 };
@@ -797,7 +803,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_unit_split(
   }
   const Tensor index = at::tensor(order, at::TensorOptions().dtype(at::kLong));
   const Tensor x = input.reshape({N, d.I}).contiguous();
-  const Tensor w_ih_sliced = w_ih.index_select(0, index).contiguous();
   // b_ih: added into the projection (GRU: its n gate needs b_in apart from b_hn) or, for LSTM/RNN,
   // folded into the one bias the gate pass adds (which spares filling each chunk with it first).
   Tensor bias_ih =
@@ -808,7 +813,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_unit_split(
     bias_hh.add_(bias_ih);
     bias_ih = Tensor();
   }
-  const Tensor w_hh_sliced = w_hh.index_select(0, index).contiguous();
 
   Tensor output = empty_buffer({N, H}, opts);
   const Tensor h0 = hx.to(opts, /*non_blocking=*/false, /*copy=*/true).contiguous();
@@ -828,8 +832,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_unit_split(
   std::vector<Tensor> gh_scratch, gx_chunk, act_scratch;
   for (int64_t j = 0; j < parts; ++j) {
     const int64_t hj = edges[j + 1] - edges[j];
-    gemms.emplace_back(w_hh_sliced.narrow(0, G * edges[j], G * hj));
-    input_gemms.emplace_back(w_ih_sliced.narrow(0, G * edges[j], G * hj));
+    gemms.emplace_back(w_hh, order.data() + G * edges[j], G * hj);
+    input_gemms.emplace_back(w_ih, order.data() + G * edges[j], G * hj);
     gh_scratch.push_back(at::empty({s.max_batch, G * hj}, acc_opts));
     gx_chunk.push_back(at::empty({chunk_steps * s.max_batch, G * hj}, acc_opts));
     act_scratch.push_back(at::empty({training && G > 1 ? s.max_batch * G * hj : 0}, opts));
@@ -1086,10 +1090,12 @@ void backward_loop_unit_split(const Schedule& s, const LayerDims& d, const std::
   const bool is_lstm = d.kind == CellKind::LSTM, is_gru = d.kind == CellKind::GRU;
   const auto acc_opts = dh_state.options();
   const Tensor w_hh_t = w_hh.t().contiguous();  // (H, G*H): slice j's rows give dh_prev[:, slice]
+  std::vector<int64_t> unit_rows(H);
+  for (int64_t u = 0; u < H; ++u) unit_rows[u] = u;
   std::vector<SliceGemm<T>> gemms;
   std::vector<Tensor> dh_scratch;
   for (int64_t j = 0; j < parts; ++j) {
-    gemms.emplace_back(w_hh_t.narrow(0, edges[j], edges[j + 1] - edges[j]));
+    gemms.emplace_back(w_hh_t, unit_rows.data() + edges[j], edges[j + 1] - edges[j]);
     dh_scratch.push_back(at::empty({s.max_batch, edges[j + 1] - edges[j]}, acc_opts));
   }
   const Tensor& dg_recurrent = is_gru ? dgh : dgi;  // the gradient of h W_hh^T (+ b_hh)

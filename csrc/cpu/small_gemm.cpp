@@ -168,13 +168,23 @@ void small_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, co
 
 int64_t weight_panels_size(int64_t n, int64_t k) { return (n + kColumns - 1) / kColumns * kColumns * k; }
 
-void pack_weight_panels(const float* w, int64_t ldw, int64_t n, int64_t k, float* panels) {
+void pack_weight_panels(const float* w, int64_t ldw, const int64_t* rows, int64_t n, int64_t k, float* panels) {
+  // Blocks of 16 k: the 32 source rows' cache lines are read once each, and the block's 16 panel rows
+  // (2 KiB) stay in L1 while they are written column by column.
+  constexpr int64_t kBlock = 16;
   for (int64_t j0 = 0; j0 < n; j0 += kColumns) {
     float* panel = panels + j0 * k;
     const int64_t columns = std::min<int64_t>(kColumns, n - j0);
-    for (int64_t j = 0; j < kColumns; ++j) {  // reads W's rows contiguously
-      const float* w_row = w + (j0 + j) * ldw;
-      for (int64_t p = 0; p < k; ++p) panel[p * kColumns + j] = j < columns ? w_row[p] : 0.0f;
+    for (int64_t p0 = 0; p0 < k; p0 += kBlock) {
+      const int64_t p1 = std::min(k, p0 + kBlock);
+      for (int64_t j = 0; j < kColumns; ++j) {
+        if (j < columns) {
+          const float* w_row = w + (rows != nullptr ? rows[j0 + j] : j0 + j) * ldw;
+          for (int64_t p = p0; p < p1; ++p) panel[p * kColumns + j] = w_row[p];
+        } else {
+          for (int64_t p = p0; p < p1; ++p) panel[p * kColumns + j] = 0.0f;
+        }
+      }
     }
   }
 }
@@ -188,7 +198,7 @@ void panel_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, co
 #else  // not x86-64 GCC/clang: never available
 
 int64_t weight_panels_size(int64_t, int64_t) { return 0; }
-void pack_weight_panels(const float*, int64_t, int64_t, int64_t, float*) {
+void pack_weight_panels(const float*, int64_t, const int64_t*, int64_t, int64_t, float*) {
   TORCH_INTERNAL_ASSERT(false, "seqfast: panel_gemm is not available in this build");
 }
 void panel_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t, bool) {

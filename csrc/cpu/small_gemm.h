@@ -21,8 +21,8 @@ void small_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, co
 // kernel streams each panel sequentially from the core's own L2, with no per-call packing (MKL's sgemm
 // copies B on every call: 5% of an nmt-enc LSTM inference, perf).
 int64_t weight_panels_size(int64_t n, int64_t k);  // floats
-// W (n x k, rows ldw apart, row-major) -> panels of W^T.
-void pack_weight_panels(const float* w, int64_t ldw, int64_t n, int64_t k, float* panels);
+// Rows rows[0..n) of W (row-major, rows ldw apart; rows == nullptr: rows 0..n) -> panels of their W^T.
+void pack_weight_panels(const float* w, int64_t ldw, const int64_t* rows, int64_t n, int64_t k, float* panels);
 // C (m x n, rows ldc apart) (+)= A (m x k, rows lda apart) @ W^T.
 void panel_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* panels, float* c,
                 int64_t ldc, bool accumulate);
