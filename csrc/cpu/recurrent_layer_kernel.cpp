@@ -601,7 +601,7 @@ constexpr bool kUnitSplitBuild = false;
 constexpr int64_t kChunkRows = 256;
 
 std::vector<int64_t> unit_split_edges(const Schedule& s, const LayerDims& d, const Tensor& w_ih,
-                                      const Tensor& w_hh) {
+                                      const Tensor& w_hh, bool backward) {
   if (!kUnitSplitBuild || d.projected || d.H != d.P || s.steps() == 0 || at::in_parallel_region()) return {};
   const char* env = std::getenv("SEQFAST_UNIT_SPLIT");
   const bool forced = env != nullptr && std::strcmp(env, "1") == 0;
@@ -618,10 +618,11 @@ std::vector<int64_t> unit_split_edges(const Schedule& s, const LayerDims& d, con
   } else {
     const int64_t per_step_macs = s.max_batch * d.G * d.H * d.P;
     if (per_step_macs < (int64_t(1) << 22)) return {};
-    // float32 at fewer than 8 rows (the micro-kernel's tile): each step streams W_hh from L3 at the
-    // memory's pace, and oneDNN's per-step matmul did that faster (small-batch T=64, B=4, I=H=1024: 36
-    // ms against 42-44 with the split); bfloat16 halves the bytes and gains (28 -> 23 ms).
-    if (w_hh.scalar_type() != at::kBFloat16 && s.max_batch < 8) return {};
+    // The float32 backward at fewer than 8 rows (the micro-kernel's tile) keeps the default loop: each
+    // step streams W_hh^T from L3 at the memory's pace, and the split was slower there (small-batch
+    // T=64, B=4, I=H=1024 LSTM training: 1.08x the default loop's time; its forward: 0.95x, GRU 0.92x,
+    // RNN 0.69x; bfloat16 halves the bytes and gains in both).
+    if (backward && w_hh.scalar_type() != at::kBFloat16 && s.max_batch < 8) return {};
     // At least 32 units a slice, so each row's gate pass is two full vectors or more.
     parts = std::min<int64_t>(at::get_num_threads(), d.H / 32);
   }
@@ -964,7 +965,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   const auto opts = input.options();
   const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<A>::value);
   const bool is_lstm = d.kind == CellKind::LSTM, is_gru = d.kind == CellKind::GRU;
-  if (const auto edges = unit_split_edges(s, d, w_ih, w_hh); !edges.empty()) {
+  if (const auto edges = unit_split_edges(s, d, w_ih, w_hh, /*backward=*/false); !edges.empty()) {
     return layer_forward_unit_split<T>(input, s, d, hx, cx, w_ih, w_hh, b_ih, b_hh, reverse, training, edges);
   }
 
@@ -1240,7 +1241,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       }
     }
   };
-  if (const auto edges = unit_split_edges(s, d, w_ih, w_hh); !edges.empty()) {
+  if (const auto edges = unit_split_edges(s, d, w_ih, w_hh, /*backward=*/true); !edges.empty()) {
     backward_loop_unit_split<T>(s, d, edges, w_hh, W, gout, out2d, dh_state, dc_state, dgi, dgh, db_i, db_h,
                                 reverse);
   } else {
