@@ -135,7 +135,8 @@ def markdown_table(rows):
              "| seqfast vs onnxruntime | onnxruntime max abs diff |",
              "|---|---|---|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
-        if r["mode"] != "inference" or r.get("error"):
+        # onnxruntime runs the float32 rows only; a bf16 run's rows would all read "n/a".
+        if r["mode"] != "inference" or r.get("error") or r.get("precision", "fp32") != "fp32":
             continue
         u = r["unit"]
         has = r.get("onnxruntime_s") is not None
