@@ -597,6 +597,19 @@ constexpr bool kUnitSplitBuild = false;
 #endif
 
 // Slice edges over the hidden units (multiples of 16, one vector of floats), or {} for the default loop.
+// The forward op's results from a loop's buffers: output (N, P) viewed in the input's shape with P
+// last; hy and cy in hx's and cx's dtypes (float32 states of a bfloat16 layer under autocast come back
+// float32; cy is never rounded to bfloat16: the cell state is float32 throughout). cx: LSTM only.
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_results(const Tensor& input, const Tensor& output,
+                                                           const Tensor& h_state, const Tensor& hx,
+                                                           const Tensor& c_state, const OptTensor& cx,
+                                                           const Tensor& ws) {
+  auto sizes = input.sizes().vec();
+  sizes.back() = output.size(1);
+  return {output.view(sizes), h_state.to(hx.scalar_type()),
+          c_state.to(cx.has_value() ? cx->scalar_type() : input.scalar_type()), ws};
+}
+
 // Rows of the input projection per chunk (see layer_forward_unit_split).
 constexpr int64_t kChunkRows = 256;
 
@@ -663,6 +676,25 @@ class StepBarrier {
   std::atomic<int64_t> finished_{0};
   std::atomic<bool> failed_{false};
 };
+
+// The parallel region of the unit split: body(k0, k1, sync) runs slices [k0, k1) on one thread, with
+// the caller's thread-local state (see for_each_band); sync(i) returns once every slice has passed its
+// i-th sync, or false when another thread failed (the body then returns; that thread's exception
+// reaches the caller through at::parallel_for).
+template <typename F>
+void run_unit_slices(int64_t parts, const F& body) {
+  StepBarrier barrier;
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, parts, 1, [&](int64_t k0, int64_t k1) {
+    at::ThreadLocalStateGuard guard(caller_state);
+    try {
+      body(k0, k1, [&](int64_t i) { return barrier.arrive_and_wait(k1 - k0, parts * (i + 1)); });
+    } catch (...) {
+      barrier.fail();
+      throw;
+    }
+  });
+}
 
 // One slice's share of W_hh: c (rows, n) = a (rows, k) @ W_slice^T in the compute type. prepare() packs
 // the weight on the thread that will use it (in parallel, into that core's cache). float32: W_slice^T in
@@ -841,11 +873,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_unit_split(
   }
 
   const T* out_data = output.data_ptr<T>();
-  StepBarrier barrier;
-  const at::ThreadLocalState caller_state;  // see for_each_band
-  at::parallel_for(0, parts, 1, [&](int64_t k0, int64_t k1) {
-    at::ThreadLocalStateGuard guard(caller_state);
-    try {
+  run_unit_slices(parts, [&](int64_t k0, int64_t k1, const auto& sync) {
       for (int64_t j = k0; j < k1; ++j) {
         gemms[j].prepare();
         input_gemms[j].prepare();
@@ -927,12 +955,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_unit_split(
             rnn_slice_rows<T, Activation::Relu>(p, rows);
           }
         }
-        if (!barrier.arrive_and_wait(k1 - k0, parts * (step + 1))) return;
+        if (!sync(step)) return;
       }
-    } catch (...) {
-      barrier.fail();
-      throw;
-    }
   });
 
   // h_n: each sequence's last output row (forward: its last step; reverse: step 0, where all are active).
@@ -945,13 +969,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_unit_split(
     std::memcpy(h_state.data_ptr<T>() + b * H, out_data + (s.offset[t_last] + b) * H, sizeof(T) * H);
   }
 
-  const auto out_shape = [&] {
-    auto sizes = input.sizes().vec();
-    sizes.back() = H;
-    return sizes;
-  }();
-  return {output.view(out_shape), h_state.to(hx.scalar_type()),
-          is_lstm ? c_state.to(cx->scalar_type()) : c_state.to(opts.dtype()), ws};
+  return forward_results(input, output, h_state, hx, c_state, is_lstm ? cx : OptTensor(), ws);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1060,15 +1078,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   };
   for_each_band(row_bands(s, d), run_band);
 
-  const auto out_shape = [&] {
-    auto sizes = input.sizes().vec();
-    sizes.back() = P;
-    return sizes;
-  }();
-  // hy and cy in hx's and cx's dtypes: float32 states of a bfloat16 layer (autocast) come back float32
-  // (cy never rounded to bfloat16: the cell state is float32 throughout).
-  return {output.view(out_shape), h_state.to(hx.scalar_type()),
-          is_lstm ? c_state.to(cx->scalar_type()) : c_state.to(opts.dtype()), ws};
+  return forward_results(input, output, h_state, hx, c_state, is_lstm ? cx : OptTensor(), ws);
 }
 
 // The backward's time loop under the unit split (see layer_forward_unit_split): each thread owns a
@@ -1100,11 +1110,7 @@ void backward_loop_unit_split(const Schedule& s, const LayerDims& d, const std::
     dh_scratch.push_back(at::empty({s.max_batch, edges[j + 1] - edges[j]}, acc_opts));
   }
   const Tensor& dg_recurrent = is_gru ? dgh : dgi;  // the gradient of h W_hh^T (+ b_hh)
-  StepBarrier barrier;
-  const at::ThreadLocalState caller_state;  // see for_each_band
-  at::parallel_for(0, parts, 1, [&](int64_t k0, int64_t k1) {
-    at::ThreadLocalStateGuard guard(caller_state);
-    try {
+  run_unit_slices(parts, [&](int64_t k0, int64_t k1, const auto& sync) {
       for (int64_t j = k0; j < k1; ++j) gemms[j].prepare();
       A* dh_all = dh_state.data_ptr<A>();
       for (int64_t done = 0; done < s.steps(); ++done) {
@@ -1140,17 +1146,13 @@ void backward_loop_unit_split(const Schedule& s, const LayerDims& d, const std::
             }
           }
         }
-        if (!barrier.arrive_and_wait(k1 - k0, parts * (done + 1))) return;
+        if (!sync(done)) return;
         for (int64_t j = k0; j < k1; ++j) {
           // dh_prev[:, slice] = dG W_hh[:, slice] (GRU: added to the direct term its gate pass wrote).
           gemms[j].run(rows, dg_recurrent.data_ptr<T>() + row0 * GH, GH, dh_all + edges[j], H,
                        /*accumulate=*/is_gru);
         }
       }
-    } catch (...) {
-      barrier.fail();
-      throw;
-    }
   });
 }
 
