@@ -108,3 +108,19 @@ def test_split_chosen_by_size_matches_default_loop(kind, dtype, monkeypatch):
     hs = split_h if kind != "LSTM" else split_h[0]
     hd = default_h if kind != "LSTM" else default_h[0]
     torch.testing.assert_close(hs.float(), hd.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kind,kwargs", KINDS[:3])
+def test_forced_split_ragged_panels_match_torch(kind, kwargs, monkeypatch):
+    """I = 37, H = 45: the packed weight panels (float32) end in partial 16-deep blocks and partly
+    filled 32-column panels, in the input and recurrent weights and in W_hh^T of the backward."""
+    monkeypatch.setenv("SEQFAST_UNIT_SPLIT", "1")
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(37, 45, **kwargs)
+    ours = getattr(seqfast.nn, kind)(37, 45, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(9, 12, 37)
+    ref_out = run(ref, x, None, packed=False, grads=True)
+    our_out = run(ours, x, None, packed=False, grads=True)
+    for k, (a, b) in enumerate(zip(our_out, ref_out)):
+        torch.testing.assert_close(a, b, msg=lambda m: f"tensor {k}: {m}")

@@ -168,25 +168,67 @@ void small_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, co
 
 int64_t weight_panels_size(int64_t n, int64_t k) { return (n + kColumns - 1) / kColumns * kColumns * k; }
 
-void pack_weight_panels(const float* w, int64_t ldw, const int64_t* rows, int64_t n, int64_t k, float* panels) {
-  // Blocks of 16 k: the 32 source rows' cache lines are read once each, and the block's 16 panel rows
-  // (2 KiB) stay in L1 while they are written column by column.
-  constexpr int64_t kBlock = 16;
+namespace {
+
+// out[c] = column c of the 16 x 16 block in[0..16) (in[r] = row r), by three shuffle stages: pairs of
+// rows interleaved, then 4-row groups within each 128-bit lane, then the lanes across the groups.
+__attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);  // lane L: (i,4L) (i+1,4L) (i,4L+1) (i+1,4L+1)
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);  // the same for columns 4L+2, 4L+3
+  }
+  for (int i = 0; i < 16; i += 4) {  // u[i+m], lane L: column 4L+m of rows i..i+3
+    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int m = 0; m < 4; ++m) {  // column 4L+m: lane L of u[m], u[4+m], u[8+m], u[12+m]
+    const __m512 even_lo = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88);  // lanes 0, 2 of each
+    const __m512 even_hi = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
+    const __m512 odd_lo = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xDD);  // lanes 1, 3 of each
+    const __m512 odd_hi = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xDD);
+    r[m] = _mm512_shuffle_f32x4(even_lo, even_hi, 0x88);
+    r[8 + m] = _mm512_shuffle_f32x4(even_lo, even_hi, 0xDD);
+    r[4 + m] = _mm512_shuffle_f32x4(odd_lo, odd_hi, 0x88);
+    r[12 + m] = _mm512_shuffle_f32x4(odd_lo, odd_hi, 0xDD);
+  }
+}
+
+// The panels as 16 x 16 register transposes: each source row is read 64 bytes at a time and each
+// panel row written 64 bytes at a time (the scalar loop this replaces moved one float per load/store:
+// 23.6% of a T = 1 nmt-enc LSTM call, perf).
+__attribute__((target("avx512f"))) void pack_weight_panels_avx512(const float* w, int64_t ldw,
+                                                                 const int64_t* rows, int64_t n, int64_t k,
+                                                                 float* panels) {
   for (int64_t j0 = 0; j0 < n; j0 += kColumns) {
     float* panel = panels + j0 * k;
-    const int64_t columns = std::min<int64_t>(kColumns, n - j0);
-    for (int64_t p0 = 0; p0 < k; p0 += kBlock) {
-      const int64_t p1 = std::min(k, p0 + kBlock);
-      for (int64_t j = 0; j < kColumns; ++j) {
-        if (j < columns) {
-          const float* w_row = w + (rows != nullptr ? rows[j0 + j] : j0 + j) * ldw;
-          for (int64_t p = p0; p < p1; ++p) panel[p * kColumns + j] = w_row[p];
-        } else {
-          for (int64_t p = p0; p < p1; ++p) panel[p * kColumns + j] = 0.0f;
-        }
+    for (int64_t half = 0; half < kColumns; half += 16) {
+      const int64_t columns = std::max<int64_t>(0, std::min<int64_t>(16, n - j0 - half));
+      const float* src[16];
+      for (int64_t j = 0; j < columns; ++j) {
+        const int64_t row = j0 + half + j;
+        src[j] = w + (rows != nullptr ? rows[row] : row) * ldw;
+      }
+      for (int64_t p0 = 0; p0 < k; p0 += 16) {
+        const int64_t depth = std::min<int64_t>(16, k - p0);
+        const __mmask16 mask = depth == 16 ? __mmask16(0xFFFF) : __mmask16((1u << depth) - 1u);
+        __m512 r[16];
+        for (int64_t j = 0; j < 16; ++j)  // missing columns are the panel's zero padding
+          r[j] = j < columns ? _mm512_maskz_loadu_ps(mask, src[j] + p0) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t p = 0; p < depth; ++p) _mm512_storeu_ps(panel + (p0 + p) * kColumns + half, r[p]);
       }
     }
   }
+}
+
+}  // namespace
+
+void pack_weight_panels(const float* w, int64_t ldw, const int64_t* rows, int64_t n, int64_t k, float* panels) {
+  TORCH_INTERNAL_ASSERT(small_gemm_available());
+  pack_weight_panels_avx512(w, ldw, rows, n, k, panels);
 }
 
 void panel_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* panels, float* c,
