@@ -220,3 +220,18 @@ def test_layer_zero_hidden_size_raises_like_torch(name):
     for module in (torch.nn, seqfast.nn):
         with pytest.raises(ValueError, match="hidden_size must be greater than zero"):
             getattr(module, name)(10, 0)
+
+
+def test_weight_replaced_after_a_forward_is_used():
+    """A parameter assigned anew between calls (fine-tuning code, weight surgery) must be the one the
+    next call computes with: the layer's flat weights are refreshed (seqfast's faster check)."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(3, 4, num_layers=2)
+    ours = seqfast.nn.LSTM(3, 4, num_layers=2)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 3)
+    ours(x)
+    new = torch.randn(16, 4)
+    ours.weight_hh_l1 = torch.nn.Parameter(new.clone())
+    ref.weight_hh_l1 = torch.nn.Parameter(new.clone())
+    torch.testing.assert_close(ours(x)[0], ref(x)[0])
