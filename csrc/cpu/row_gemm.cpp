@@ -83,9 +83,9 @@ bool use_onednn(const at::Tensor& weight, int64_t rows) {
 // The AVX-512 micro-kernel (small_gemm.h) for fp32 weights whose transpose fits in L1/L2 and per-step
 // products below the size where BLAS would split a GEMM across threads (the same 2^22 multiply-adds
 // under which the time loop runs in per-thread row bands instead). SEQFAST_DISABLE_SMALL_GEMM=1 turns
-// it off (read per call). It needs a contiguous copy of W^T made per call (~5-10 us at 16K elements), which
+// it off (read per call). It packs W into column panels once per call (~5-10 us at 16K elements), which
 // only pays when the call runs enough rows through it: not for a one-step cell call (measured: LSTMCell
-// B=1 H=64 went from 29 to 42 us with the copy).
+// B=1 H=64 went from 29 to 42 us with the per-call copy).
 constexpr int64_t kSmallGemmMaxWeight = 16384;
 constexpr int64_t kSmallGemmMaxStepMacs = int64_t(1) << 22;
 constexpr int64_t kSmallGemmMinTotalRows = 16;
@@ -190,15 +190,16 @@ RowGemm::RowGemm(const at::Tensor& weight, int64_t max_rows, int64_t total_rows)
   } else if (max_rows > 0 && use_onednn(weight, total_rows)) {
     packed_ = onednn_reorder(weight, max_rows);
   } else if (max_rows > 0 && use_small_gemm(weight, max_rows, total_rows)) {
-    small_weight_t_ = weight_t_.contiguous();
+    const at::Tensor w = weight.contiguous();
+    small_panels_ = at::empty({weight_panels_size(w.size(0), w.size(1))}, w.options());
+    pack_weight_panels(w.data_ptr<float>(), w.size(1), nullptr, w.size(0), w.size(1), small_panels_.data_ptr<float>());
   }
 }
 
 bool RowGemm::try_small_gemm(const at::Tensor& a, const at::Tensor& out, bool accumulate) const {
-  if (!small_weight_t_.defined() || !unit_column_stride(a) || !unit_column_stride(out)) return false;
-  small_gemm(a.size(0), small_weight_t_.size(1), a.size(1), a.data_ptr<float>(), a.stride(0),
-             small_weight_t_.data_ptr<float>(), small_weight_t_.size(1), out.data_ptr<float>(),
-             out.stride(0), accumulate);
+  if (!small_panels_.defined() || !unit_column_stride(a) || !unit_column_stride(out)) return false;
+  panel_gemm(a.size(0), weight_.size(0), a.size(1), a.data_ptr<float>(), a.stride(0), small_panels_.data_ptr<float>(),
+             out.data_ptr<float>(), out.stride(0), accumulate);
   return true;
 }
 

@@ -45,7 +45,7 @@ class RowGemm {
   at::Tensor weight_;          // (n, k) W as given (the tiny-product dot-product path reads its rows)
   at::Tensor weight_t_;        // (k, n) view of W^T for at::mm
   at::Tensor packed_;          // oneDNN-blocked W, when available
-  at::Tensor small_weight_t_;  // contiguous W^T for small_gemm, for small fp32 weights (small_gemm.h)
+  at::Tensor small_panels_;    // W^T packed for panel_gemm, for small fp32 weights (small_gemm.h)
   std::optional<Bf16Gemm> bf16_;  // bfloat16 W where the bf16 micro-kernel runs (bf16_gemm.h)
 };
 

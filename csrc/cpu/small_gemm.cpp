@@ -23,16 +23,13 @@ namespace {
 
 constexpr int kColumns = 32;  // micro-tile columns: two 16-float vectors
 
-// Two layouts of B share one micro-kernel:
-// - Strided (small_gemm): B row p at b + p * ldb, the last column block masked on load. Tiles of 6 rows
-//   (6 x 2 accumulators + 2 B vectors + 1 broadcast).
-// - Panels (panel_gemm): B row p at b + p * 32, zero-padded, so loads need no mask (masked loads kept
-//   reloading their masks from the stack, perf); tiles of 8 rows (16 accumulators; a B=64 step is 8
-//   full tiles), and the first tile over a k block prefetches the next block (see panel_gemm_avx512).
-template <bool Panels>
-struct Layout {
-  static constexpr int kRows = Panels ? 8 : 6;
-};
+// B is packed in column panels (see small_gemm.h): row p of a panel at b + p * 32, zero-padded, so its
+// loads need no mask (masked loads kept reloading their masks from the stack, perf). Tiles of 8 rows
+// (16 accumulators + 2 B vectors + 1 broadcast; a B=64 step is 8 full tiles, a row band of 16 two),
+// and the first tile over a k block prefetches the next block (see panel_gemm_avx512). A strided-B
+// variant with 6-row tiles served the row-banded small layers until the panels replaced it there too
+// (LSTM small inference 0.96x the time; NOTES 19).
+constexpr int kRows = 8;
 
 struct Masks {
   __mmask16 lo, hi;
@@ -45,9 +42,9 @@ struct Masks {
 
 // One micro-tile: C[0:Rows, 0:columns] (+)= A[0:Rows, :] @ B[:, 0:columns], columns <= 32 (masked).
 // next: where to prefetch from (row p of it with row p of B), or nullptr.
-template <bool Panels, int Rows>
+template <int Rows>
 __attribute__((target("avx512f"), always_inline)) inline void tile(
-    const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t k, Masks m,
+    const float* a, int64_t lda, const float* b, float* c, int64_t ldc, int64_t k, Masks m,
     bool accumulate, const float* next) {
   __m512 acc_lo[Rows], acc_hi[Rows];
   for (int i = 0; i < Rows; ++i) {
@@ -56,18 +53,12 @@ __attribute__((target("avx512f"), always_inline)) inline void tile(
   }
 #pragma GCC unroll 4
   for (int64_t p = 0; p < k; ++p) {
-    __m512 b_lo, b_hi;
-    if constexpr (Panels) {
-      if (next != nullptr) {
-        _mm_prefetch(reinterpret_cast<const char*>(next + p * kColumns), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(next + p * kColumns + 16), _MM_HINT_T0);
-      }
-      b_lo = _mm512_loadu_ps(b + p * kColumns);
-      b_hi = _mm512_loadu_ps(b + p * kColumns + 16);
-    } else {
-      b_lo = _mm512_maskz_loadu_ps(m.lo, b + p * ldb);
-      b_hi = _mm512_maskz_loadu_ps(m.hi, b + p * ldb + 16);
+    if (next != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + p * kColumns), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next + p * kColumns + 16), _MM_HINT_T0);
     }
+    const __m512 b_lo = _mm512_loadu_ps(b + p * kColumns);
+    const __m512 b_hi = _mm512_loadu_ps(b + p * kColumns + 16);
 #pragma GCC unroll 8
     for (int i = 0; i < Rows; ++i) {
       const __m512 a_ip = _mm512_set1_ps(a[i * lda + p]);
@@ -88,15 +79,15 @@ __attribute__((target("avx512f"), always_inline)) inline void tile(
 }
 
 // A tile of `rest` < R + 1 rows: a chain of row counts R, R - 1, ..., 1, one instantiation each.
-template <bool Panels, int R>
+template <int R>
 __attribute__((target("avx512f"), always_inline)) inline void remainder_tile(
-    int64_t rest, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t k,
+    int64_t rest, const float* a, int64_t lda, const float* b, float* c, int64_t ldc, int64_t k,
     Masks masks, bool accumulate, const float* next) {
   if constexpr (R > 0) {
     if (rest == R) {
-      tile<Panels, R>(a, lda, b, ldb, c, ldc, k, masks, accumulate, next);
+      tile<R>(a, lda, b, c, ldc, k, masks, accumulate, next);
     } else {
-      remainder_tile<Panels, R - 1>(rest, a, lda, b, ldb, c, ldc, k, masks, accumulate, next);
+      remainder_tile<R - 1>(rest, a, lda, b, c, ldc, k, masks, accumulate, next);
     }
   }
 }
@@ -104,28 +95,17 @@ __attribute__((target("avx512f"), always_inline)) inline void remainder_tile(
 // Rows [0, m) of one column block: full tiles, then one tile of the remaining rows (a B vector pair
 // loaded per k serves all of them; one row at a time, the remainder of a 64-row step ran at a third of
 // the full tiles' rate). `next` goes to the first tile only.
-template <bool Panels, int Rows = Layout<Panels>::kRows>
 __attribute__((target("avx512f"), always_inline)) inline void column_block(
-    int64_t m, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t k,
+    int64_t m, const float* a, int64_t lda, const float* b, float* c, int64_t ldc, int64_t k,
     int64_t columns, bool accumulate, const float* next) {
   const Masks masks(columns);
   int64_t i0 = 0;
-  for (; i0 + Rows <= m; i0 += Rows, next = nullptr) {
-    tile<Panels, Rows>(a + i0 * lda, lda, b, ldb, c + i0 * ldc, ldc, k, masks, accumulate, next);
+  for (; i0 + kRows <= m; i0 += kRows, next = nullptr) {
+    tile<kRows>(a + i0 * lda, lda, b, c + i0 * ldc, ldc, k, masks, accumulate, next);
   }
   a += i0 * lda;
   c += i0 * ldc;
-  remainder_tile<Panels, Rows - 1>(m - i0, a, lda, b, ldb, c, ldc, k, masks, accumulate, next);
-}
-
-__attribute__((target("avx512f"))) void small_gemm_avx512(int64_t m, int64_t n, int64_t k,
-                                                          const float* a, int64_t lda, const float* b,
-                                                          int64_t ldb, float* c, int64_t ldc,
-                                                          bool accumulate) {
-  for (int64_t j0 = 0; j0 < n; j0 += kColumns) {
-    column_block<false>(m, a, lda, b + j0, ldb, c + j0, ldc, k, std::min<int64_t>(kColumns, n - j0), accumulate,
-                        nullptr);
-  }
+  remainder_tile<kRows - 1>(m - i0, a, lda, b, c, ldc, k, masks, accumulate, next);
 }
 
 // k is split in blocks of kDepth so that the part of a panel the row tiles share (kDepth x 32 floats,
@@ -141,13 +121,13 @@ constexpr int64_t kPrefetchRows = 16;
 __attribute__((target("avx512f"))) void panel_gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a,
                                                           int64_t lda, const float* panels, float* c,
                                                           int64_t ldc, bool accumulate) {
-  const bool full_tiles = m >= Layout<true>::kRows;
+  const bool full_tiles = m >= kRows;
   for (int64_t j0 = 0; j0 < n; j0 += kColumns) {
     const int64_t columns = std::min<int64_t>(kColumns, n - j0);
     for (int64_t p0 = 0; p0 < k; p0 += kDepth) {
       const int64_t depth = std::min(kDepth, k - p0);
       const float* b = panels + j0 * k + p0 * kColumns;
-      column_block<true>(m, a + p0, lda, b, kColumns, c + j0, ldc, depth, columns, accumulate || p0 > 0,
+      column_block(m, a + p0, lda, b, c + j0, ldc, depth, columns, accumulate || p0 > 0,
                          b + (full_tiles ? depth : kPrefetchRows) * kColumns);
     }
   }
@@ -160,11 +140,6 @@ bool small_gemm_available() {
   return available;
 }
 
-void small_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-                int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  TORCH_INTERNAL_ASSERT(small_gemm_available());
-  small_gemm_avx512(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
-}
 
 int64_t weight_panels_size(int64_t n, int64_t k) { return (n + kColumns - 1) / kColumns * kColumns * k; }
 
@@ -248,11 +223,6 @@ void panel_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, 
 }
 
 bool small_gemm_available() { return false; }
-
-void small_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*,
-                int64_t, bool) {
-  TORCH_INTERNAL_ASSERT(false, "seqfast: small_gemm is not available in this build");
-}
 
 #endif
 
