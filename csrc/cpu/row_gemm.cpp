@@ -155,11 +155,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
     if (bias.has_value()) b = bias->contiguous();
     return onednn_linear(x.contiguous(), onednn_reorder(weight, x.size(0)), b);
   }
-  if (use_tiny(weight, x.size(0))) {
-    at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
-    if (try_tiny_gemm(x, weight, bias.has_value() ? *bias : at::Tensor(), out, false)) return out;
-  }
-  return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  // The result into a pooled buffer (buffers.h): it is written once per call, so a fresh one faults
+  // all its pages.
+  at::Tensor out = empty_buffer({x.size(0), weight.size(0)}, x.options());
+  if (use_tiny(weight, x.size(0)) &&
+      try_tiny_gemm(x, weight, bias.has_value() ? *bias : at::Tensor(), out, false))
+    return out;
+  return bias.has_value() ? at::addmm_out(out, *bias, x, weight.t()) : at::mm_out(out, x, weight.t());
 }
 
 at::Tensor input_projection(const at::Tensor& x, const at::Tensor& weight,
