@@ -15,6 +15,7 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -1190,6 +1191,69 @@ void backward_loop_unit_split(const Schedule& s, const LayerDims& d, const std::
   });
 }
 
+// The weight gradients of a small float32 layer (G*H <= 48 gate columns, I and P <= 16): MKL's sgemm
+// runs these tall, thin products (N tokens deep) at 35-75 GF/s, and its OpenMP split along N did not
+// make it faster (seed-stock LSTM: dW_ih and dW_hh took ~40 us each of a ~650 us training step, the
+// 2-thread call slower than the 1-thread one). gradient_gemm (small_gemm.h) runs at 110-180 GF/s on
+// one core for them; here each thread takes a share of the tokens and the bias column sums ride along.
+template <typename T>
+bool use_gradient_gemm(const LayerDims& d, const Tensor& x, const Tensor& h_prev_all) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return false;
+  } else {
+    // Measured against at::mm on one and two threads (benchmarks/NOTES.md 20): ahead up to one column
+    // block (48) of G*H; from 64 gate columns MKL's blocking is as fast or faster.
+    return small_gemm_enabled() && d.G * d.H <= 48 && d.I <= 16 && d.P <= 16 && x.stride(1) == 1 &&
+           h_prev_all.stride(1) == 1;
+  }
+}
+
+// (grad_w_ih, grad_w_hh, column sums of dgi, column sums of dgh) for use_gradient_gemm's layers.
+std::tuple<Tensor, Tensor, Tensor, Tensor> small_weight_gradients(const LayerDims& d, const Tensor& dgi,
+                                                                  const Tensor& dgh, const Tensor& x,
+                                                                  const Tensor& h_prev_all) {
+  const int64_t N = x.size(0), GH = d.G * d.H, I = d.I, P = d.P;
+  const bool separate_dgh = !dgh.is_same(dgi);  // GRU
+  const int64_t parts = at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 512));
+  const auto opts = x.options();
+  Tensor grad_w_ih = at::zeros({GH, I}, opts), grad_w_hh = at::zeros({GH, P}, opts), sum_i = at::zeros({GH}, opts);
+  Tensor sum_h = separate_dgh ? at::zeros({GH}, opts) : sum_i;
+  const std::array<Tensor*, 4> results{&grad_w_ih, &grad_w_hh, &sum_i, &sum_h};
+  const std::array<int64_t, 4> sizes{GH * I, GH * P, GH, GH};
+  // Part 0 accumulates into the results; the others into their rows of `partial`, added after.
+  const int64_t width = sizes[0] + sizes[1] + sizes[2] + sizes[3];
+  Tensor partial = at::zeros({parts - 1, width}, opts);
+  const auto run = [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r0 = N * p / parts, r1 = N * (p + 1) / parts;
+      float* part = p == 0 ? nullptr : partial.data_ptr<float>() + (p - 1) * width;
+      float* w_ih = p == 0 ? grad_w_ih.data_ptr<float>() : part;
+      float* w_hh = p == 0 ? grad_w_hh.data_ptr<float>() : part + sizes[0];
+      float* col_i = p == 0 ? sum_i.data_ptr<float>() : part + sizes[0] + sizes[1];
+      float* col_h = p == 0 ? sum_h.data_ptr<float>() : part + sizes[0] + sizes[1] + sizes[2];
+      gradient_gemm(r1 - r0, GH, I, dgi.data_ptr<float>() + r0 * dgi.stride(0), dgi.stride(0),
+                    x.data_ptr<float>() + r0 * x.stride(0), x.stride(0), w_ih, I, col_i);
+      gradient_gemm(r1 - r0, GH, P, dgh.data_ptr<float>() + r0 * dgh.stride(0), dgh.stride(0),
+                    h_prev_all.data_ptr<float>() + r0 * h_prev_all.stride(0), h_prev_all.stride(0), w_hh, P,
+                    separate_dgh ? col_h : nullptr);
+    }
+  };
+  if (parts == 1) {
+    run(0, 1);
+  } else {
+    at::parallel_for(0, parts, 1, run);
+  }
+  for (int64_t p = 1; p < parts; ++p) {
+    const float* part = partial.data_ptr<float>() + (p - 1) * width;
+    for (int r = 0; r < (separate_dgh ? 4 : 3); ++r) {
+      float* total = results[r]->data_ptr<float>();
+      for (int64_t e = 0; e < sizes[r]; ++e) total[e] += part[e];
+      part += sizes[r];
+    }
+  }
+  return {grad_w_ih, grad_w_hh, sum_i, sum_h};
+}
+
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
     const Tensor& grad_output, const Tensor& grad_hy, const OptTensor& grad_cy, const Tensor& input,
@@ -1286,17 +1350,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
 
   // The weight, input and bias gradients: one GEMM / one reduction each, over all tokens.
   const Tensor x = input.reshape({N, d.I});
+  const Tensor h_prev_all = W.matrix(L.h_prev, P);
   Tensor grad_input =
       input_grad ? cpu::linear(dgi, w_ih.t(), std::nullopt).view(input.sizes()) : at::empty({0}, opts);
-  Tensor grad_w_ih = at::mm(dgi.t(), x);
-  Tensor grad_w_hh = at::mm(dgh.t(), W.matrix(L.h_prev, P));
-  const Tensor& dgi_sum = bias_rows ? db_i : dgi;
-  const Tensor& dgh_sum = bias_rows ? db_h : dgh;
+  Tensor grad_w_ih, grad_w_hh, dgi_colsum, dgh_colsum;
+  if (!bias_rows && use_gradient_gemm<T>(d, x, h_prev_all)) {
+    std::tie(grad_w_ih, grad_w_hh, dgi_colsum, dgh_colsum) = small_weight_gradients(d, dgi, dgh, x, h_prev_all);
+  } else {
+    grad_w_ih = at::mm(dgi.t(), x);
+    grad_w_hh = at::mm(dgh.t(), h_prev_all);
+    dgi_colsum = (bias_rows ? db_i : dgi).sum(0);
+    dgh_colsum = is_gru ? (bias_rows ? db_h : dgh).sum(0) : dgi_colsum;
+  }
   // In each bias's own dtype: float32 biases of a bfloat16 layer (autocast) get float32 gradients.
-  Tensor grad_b_ih = b_ih.has_value() ? dgi_sum.sum(0).to(b_ih->scalar_type()) : at::empty({0}, opts);
+  Tensor grad_b_ih = b_ih.has_value() ? dgi_colsum.to(b_ih->scalar_type()) : at::empty({0}, opts);
   Tensor grad_b_hh =
       !b_hh.has_value() ? at::empty({0}, opts)
-      : (is_gru || !b_ih.has_value() ? dgh_sum.sum(0) : grad_b_ih.clone()).to(b_hh->scalar_type());
+      : (is_gru || !b_ih.has_value() ? dgh_colsum : grad_b_ih.clone()).to(b_hh->scalar_type());
   Tensor grad_w_hr = d.projected ? at::mm(dh_proj.t(), W.matrix(L.h_unproj, H)) : at::empty({0}, opts);
   // grad_hx and grad_cx in hx's and cx's dtypes (float32 for a bfloat16 layer under autocast).
   const at::ScalarType c_dtype = is_lstm ? cx->scalar_type() : input.scalar_type();

@@ -83,7 +83,7 @@ bool use_onednn(const at::Tensor& weight, int64_t rows) {
 // The AVX-512 micro-kernel (small_gemm.h) for fp32 weights whose transpose fits in L1/L2 and per-step
 // products below the size where BLAS would split a GEMM across threads (the same 2^22 multiply-adds
 // under which the time loop runs in per-thread row bands instead). SEQFAST_DISABLE_SMALL_GEMM=1 turns
-// it off (read per call). It packs W into column panels once per call (~5-10 us at 16K elements), which
+// it off (small_gemm_enabled). It packs W into column panels once per call (~5-10 us at 16K elements), which
 // only pays when the call runs enough rows through it: not for a one-step cell call (measured: LSTMCell
 // B=1 H=64 went from 29 to 42 us with the per-call copy).
 constexpr int64_t kSmallGemmMaxWeight = 16384;
@@ -91,10 +91,8 @@ constexpr int64_t kSmallGemmMaxStepMacs = int64_t(1) << 22;
 constexpr int64_t kSmallGemmMinTotalRows = 16;
 
 bool use_small_gemm(const at::Tensor& weight, int64_t max_rows, int64_t total_rows) {
-  const char* off = std::getenv("SEQFAST_DISABLE_SMALL_GEMM");
-  const bool disabled = off != nullptr && std::strcmp(off, "0") != 0;
-  return !disabled && weight.scalar_type() == at::kFloat && weight.device().is_cpu() &&
-         small_gemm_available() && weight.numel() <= kSmallGemmMaxWeight &&
+  return weight.scalar_type() == at::kFloat && weight.device().is_cpu() && small_gemm_enabled() &&
+         weight.numel() <= kSmallGemmMaxWeight &&
          max_rows * weight.numel() <= kSmallGemmMaxStepMacs && total_rows >= kSmallGemmMinTotalRows;
 }
 

@@ -11,6 +11,9 @@ namespace cpu {
 
 // True when this build and this CPU can run panel_gemm (x86-64 with AVX-512F).
 bool small_gemm_available();
+// Available and not turned off by SEQFAST_DISABLE_SMALL_GEMM=1 (read per call: the tests compare both
+// paths in one process): whether RowGemm and the layer backward use these kernels.
+bool small_gemm_enabled();
 
 // Panel p holds columns [32p, 32p + 32) of W^T as k rows of 32 contiguous floats (zero past n), so the
 // kernel streams each panel sequentially (from L1/L2 for small layers, from the core's own L2 or L3
@@ -21,6 +24,11 @@ void pack_weight_panels(const float* w, int64_t ldw, const int64_t* rows, int64_
 // C (m x n, rows ldc apart) (+)= A (m x k, rows lda apart) @ W^T.
 void panel_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* panels, float* c,
                 int64_t ldc, bool accumulate);
+// C (n x k, rows ldc apart) += G^T A for G (m x n, rows ldg apart) and A (m x k, rows lda apart), and
+// bias (n) += the column sums of G when bias is not null: a layer's weight (and bias) gradient summed
+// over m token rows. Single-threaded; callers split the rows.
+void gradient_gemm(int64_t m, int64_t n, int64_t k, const float* g, int64_t ldg, const float* a, int64_t lda,
+                   float* c, int64_t ldc, float* bias);
 
 }  // namespace cpu
 }  // namespace seqfast
