@@ -538,3 +538,31 @@ def test_gradient_subsets(kind, input_kind, which):
     assert set(g_sf) == set(g_ref) and g_ref
     for n in g_ref:
         torch.testing.assert_close(g_sf[n], g_ref[n], **tol, msg=lambda msg, n=n: f"grad {n}: {msg}")
+
+
+# The backward takes grad_output with any strides: expanded from one value (a sum or mean loss: filled,
+# not copied), transposed, and dense, against torch.nn's gradients.
+@pytest.mark.parametrize("loss", ["sum", "mean", "transposed", "strided_slice"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_gradients_for_strided_and_expanded_output_gradients(kind, loss):
+    from conftest import make_module_pair
+    ref, sf = make_module_pair(kind, 4, 6, dtype=torch.float64)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    w = torch.randn(3, 5, 6, dtype=torch.float64)
+    grads = []
+    for m in (ref, sf):
+        m.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        out, _ = m(xg)
+        if loss == "sum":
+            value = out.sum()
+        elif loss == "mean":
+            value = out.mean()
+        elif loss == "transposed":
+            value = (out.transpose(0, 1) * w).sum()
+        else:
+            value = (out[::2] * 3).sum() + out[1::2].square().sum()
+        value.backward()
+        grads.append([xg.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)

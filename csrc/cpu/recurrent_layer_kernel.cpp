@@ -15,6 +15,7 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -1191,6 +1192,22 @@ void backward_loop_unit_split(const Schedule& s, const LayerDims& d, const std::
   });
 }
 
+// grad_output as (N, P) contiguous rows. The gradient of a sum or mean of the output (a common loss
+// and the benchmarks' one) arrives expanded from one value (every stride 0): it is filled rather than
+// copied element by element (its clone was ~44 us of a ~540 us seed-stock LSTM training step, in a
+// fresh, page-faulting allocation). Other strided gradients are copied into a pooled buffer.
+Tensor dense_rows(const Tensor& grad, int64_t N, int64_t P) {
+  if (grad.is_contiguous()) return grad.reshape({N, P});
+  Tensor rows = empty_buffer({N, P}, grad.options());
+  const auto strides = grad.strides();
+  if (grad.numel() > 0 && std::all_of(strides.begin(), strides.end(), [](int64_t st) { return st == 0; })) {
+    rows.fill_(grad.as_strided({}, {}));
+  } else {
+    rows.view(grad.sizes()).copy_(grad);
+  }
+  return rows;
+}
+
 // The weight gradients of a small float32 layer (G*H <= 48 gate columns, I and P <= 16): MKL's sgemm
 // runs these tall, thin products (N tokens deep) at 35-75 GF/s, and its OpenMP split along N did not
 // make it faster (seed-stock LSTM: dW_ih and dW_hh took ~40 us each of a ~650 us training step, the
@@ -1269,7 +1286,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   check_workspace(ws, L, N, input);
   const WorkspaceView W{ws, L, N};
 
-  const Tensor gout = grad_output.reshape({N, P}).contiguous();
+  const Tensor gout = dense_rows(grad_output, N, P);
   const Tensor out2d = output.reshape({N, P}).contiguous();
   // The running state gradients in the compute type (float for bfloat16); the per-step GEMM results
   // are added into them (RowGemm::compute_into converts).
@@ -1307,15 +1324,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       const int64_t row0 = s.offset[t] + r0;
       Tensor dh_rows = dh_state.narrow(0, r0, rows);
       // Total gradient w.r.t. this step's h: from the output and from step t+1 (or h_n).
-      Tensor dh = dh_scratch.narrow(0, 0, rows);
+      A* dh_ptr = dh_scratch.data_ptr<A>();
       if (d.projected) {
         Tensor dh_p = dh_proj.narrow(0, row0, rows);
         at::add_out(dh_p, dh_rows, gout.narrow(0, row0, rows));
-        projection_t->compute_into(dh_p, dh, /*accumulate=*/false);
+        projection_t->compute_into(dh_p, dh_scratch.narrow(0, 0, rows), /*accumulate=*/false);
       } else {
-        at::add_out(dh, dh_rows, gout.narrow(0, row0, rows));
+        // A plain loop: at::add_out's dispatch was ~1.5 us a step and band for a few KB (seed-stock).
+        const A* carried = dh_state.data_ptr<A>() + r0 * P;
+        const T* from_output = rows_of<T>(gout, row0, P);
+        for (int64_t e = 0; e < rows * P; ++e) dh_ptr[e] = carried[e] + A(from_output[e]);
       }
-      const A* dh_ptr = dh.data_ptr<A>();
       T* dgi_rows = rows_of<T>(dgi, row0, GH);
 
       if (is_lstm) {
