@@ -554,6 +554,38 @@ void parallel_rows(int64_t rows, int64_t grain, const F& f) {
   }
 }
 
+// The per-step products of the default loop on a band's rows. A small float32 weight runs the
+// micro-kernel on raw row pointers (RowGemm::compute_rows); anything else goes through the Tensor API,
+// whose views (a narrow of the state and one of the scratch or gradient rows, ~0.5-1 us each) were
+// ~60 calls of a seed-stock training step.
+//
+// Forward: gh = h_prev @ W_hh^T for `rows` rows of h_state from row r0 (h_prev points there); the
+// result is in the compute type, in gh_scratch or in a fresh tensor from oneDNN, which `holder` keeps
+// for the gate pass.
+template <typename T>
+const acc_t<T>* recurrent_rows(RowGemm& gemm, int64_t rows, const T* h_prev, int64_t P, const Tensor& h_state,
+                               int64_t r0, const Tensor& gh_scratch, Tensor& holder) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (gemm.compute_rows(rows, h_prev, P, gh_scratch.data_ptr<float>(), gh_scratch.stride(0), false))
+      return gh_scratch.data_ptr<float>();
+  }
+  holder = gemm.compute(h_state.narrow(0, r0, rows), gh_scratch);
+  return holder.data_ptr<acc_t<T>>();
+}
+
+// Backward: dh_state[r0 : r0 + rows] (+)= g[row0 : row0 + rows] @ W_hh (gemm holds W_hh^T).
+template <typename T>
+void recurrent_rows_into(RowGemm& gemm, const Tensor& g, int64_t row0, int64_t rows, const Tensor& dh_state,
+                         int64_t r0, bool accumulate) {
+  if constexpr (std::is_same_v<T, float>) {
+    float* out = dh_state.data_ptr<float>() + r0 * dh_state.stride(0);
+    if (gemm.compute_rows(rows, g.data_ptr<float>() + row0 * g.stride(0), g.stride(0), out, dh_state.stride(0),
+                          accumulate))
+      return;
+  }
+  gemm.compute_into(g.narrow(0, row0, rows), dh_state.narrow(0, r0, rows), accumulate);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Row bands. The sequences of a layer are independent, so the time loop can run as independent loops
 // over bands of batch rows, one band per thread, with no synchronization per step: each thread does
@@ -1055,18 +1087,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
       const int64_t rows = std::min(s.batch[t], r1) - r0;  // active rows of this band at step t
       if (rows <= 0) continue;
       const int64_t row0 = s.offset[t] + r0;  // token row of the band's first row
-      const Tensor h_prev = h_state.narrow(0, r0, rows);
+      T* const h_prev = h_state.data_ptr<T>() + r0 * P;
       if (training) {
-        std::memcpy(W.rows<T>(L.h_prev, row0, P), h_prev.data_ptr<T>(), sizeof(T) * rows * P);
+        std::memcpy(W.rows<T>(L.h_prev, row0, P), h_prev, sizeof(T) * rows * P);
       }
-      const Tensor gh = recurrent.compute(h_prev, gh_scratch);
+      Tensor gh_holder;
+      const A* gh_rows = recurrent_rows(recurrent, rows, h_prev, P, h_state, r0, gh_scratch, gh_holder);
       const A* gx_rows = rows_of<A>(gx, row0, GH);
       T* out_rows = rows_of<T>(output, row0, P);
 
       if (is_lstm) {
         LstmForwardStep<T> p;
         p.gx = gx_rows;
-        p.gh = gh.data_ptr<A>();
+        p.gh = gh_rows;
         p.b_hh = bias_hh.data_ptr<A>();
         p.c = c_state.data_ptr<A>() + r0 * H;
         p.h = !d.projected ? out_rows
@@ -1087,9 +1120,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
       } else if (is_gru) {
         GruForwardStep<T> p;
         p.gx = gx_rows;
-        p.gh = gh.data_ptr<A>();
+        p.gh = gh_rows;
         p.b_hh = bias_hh.data_ptr<A>();
-        p.h_prev = h_prev.data_ptr<T>();
+        p.h_prev = h_prev;
         p.h = out_rows;
         if (training) {
           p.act = W.rows<T>(L.act, row0, 3 * H);
@@ -1100,7 +1133,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
           parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { gru_forward_rows<T, false>(p, H, b0, b1); });
         }
       } else {
-        RnnForwardStep<T> p{gx_rows, gh.data_ptr<A>(), bias_hh.data_ptr<A>(), out_rows};
+        RnnForwardStep<T> p{gx_rows, gh_rows, bias_hh.data_ptr<A>(), out_rows};
         if (d.kind == CellKind::RNN_TANH) {
           parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_forward_rows<T, Activation::Tanh>(p, H, b0, b1); });
         } else {
@@ -1109,7 +1142,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
       }
       // The step's output is the next step's h for the rows that continue; rows that are not active
       // keep their last state, which is what h_n holds for sequences that already ended.
-      std::memcpy(h_prev.data_ptr<T>(), out_rows, sizeof(T) * rows * P);
+      std::memcpy(h_prev, out_rows, sizeof(T) * rows * P);
     }
   };
   for_each_band(row_bands(s, d), run_band);
@@ -1322,18 +1355,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       const int64_t rows = std::min(s.batch[t], r1) - r0;
       if (rows <= 0) continue;
       const int64_t row0 = s.offset[t] + r0;
-      Tensor dh_rows = dh_state.narrow(0, r0, rows);
+      A* const dh_carried = dh_state.data_ptr<A>() + r0 * P;  // rows [r0, r0 + rows) of the running dh
       // Total gradient w.r.t. this step's h: from the output and from step t+1 (or h_n).
       A* dh_ptr = dh_scratch.data_ptr<A>();
       if (d.projected) {
         Tensor dh_p = dh_proj.narrow(0, row0, rows);
-        at::add_out(dh_p, dh_rows, gout.narrow(0, row0, rows));
+        at::add_out(dh_p, dh_state.narrow(0, r0, rows), gout.narrow(0, row0, rows));
         projection_t->compute_into(dh_p, dh_scratch.narrow(0, 0, rows), /*accumulate=*/false);
       } else {
         // A plain loop: at::add_out's dispatch was ~1.5 us a step and band for a few KB (seed-stock).
-        const A* carried = dh_state.data_ptr<A>() + r0 * P;
         const T* from_output = rows_of<T>(gout, row0, P);
-        for (int64_t e = 0; e < rows * P; ++e) dh_ptr[e] = carried[e] + A(from_output[e]);
+        for (int64_t e = 0; e < rows * P; ++e) dh_ptr[e] = dh_carried[e] + A(from_output[e]);
       }
       T* dgi_rows = rows_of<T>(dgi, row0, GH);
 
@@ -1342,13 +1374,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
                               W.rows<T>(L.c_prev, row0, H), dh_ptr, dc_state.data_ptr<A>() + r0 * H,
                               dgi_rows, bias_row_ptr(db_i, r0)};
         parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { lstm_backward_rows<T>(p, H, b0, b1); });
-        recurrent_t.compute_into(dgi.narrow(0, row0, rows), dh_rows, /*accumulate=*/false);
+        recurrent_rows_into<T>(recurrent_t, dgi, row0, rows, dh_state, r0, /*accumulate=*/false);
       } else if (is_gru) {
         GruBackwardStep<T> p{W.rows<T>(L.act, row0, 3 * H), W.rows<T>(L.gh_n, row0, H),
                              W.rows<T>(L.h_prev, row0, H), dh_ptr, dgi_rows, rows_of<T>(dgh, row0, GH),
-                             dh_rows.data_ptr<A>(), bias_row_ptr(db_i, r0), bias_row_ptr(db_h, r0)};
+                             dh_carried, bias_row_ptr(db_i, r0), bias_row_ptr(db_h, r0)};
         parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { gru_backward_rows<T>(p, H, b0, b1); });
-        recurrent_t.compute_into(dgh.narrow(0, row0, rows), dh_rows, /*accumulate=*/true);
+        recurrent_rows_into<T>(recurrent_t, dgh, row0, rows, dh_state, r0, /*accumulate=*/true);
       } else {
         const T* h_rows = rows_of<T>(out2d, row0, P);
         if (d.kind == CellKind::RNN_TANH) {
@@ -1356,7 +1388,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
         } else {
           parallel_rows(rows, grain, [&](int64_t b0, int64_t b1) { rnn_backward_rows<T, Activation::Relu>(h_rows, dh_ptr, dgi_rows, bias_row_ptr(db_i, r0), H, b0, b1); });
         }
-        recurrent_t.compute_into(dgi.narrow(0, row0, rows), dh_rows, /*accumulate=*/false);
+        recurrent_rows_into<T>(recurrent_t, dgi, row0, rows, dh_state, r0, /*accumulate=*/false);
       }
     }
   };

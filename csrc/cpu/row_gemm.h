@@ -38,6 +38,11 @@ class RowGemm {
 
   bool uses_onednn() const { return packed_.defined(); }
 
+  // out (rows, n; rows ldo apart) (+)= a (rows, k; rows lda apart) @ W^T through the small-GEMM
+  // micro-kernel on raw pointers, when this RowGemm packed W for it (small float32 weights); false,
+  // with nothing done, otherwise. Spares compute/compute_into's tensor views in the per-step loops.
+  bool compute_rows(int64_t rows, const float* a, int64_t lda, float* out, int64_t ldo, bool accumulate) const;
+
  private:
   // The small-GEMM micro-kernel, when chosen and the operands have unit column stride; false if not.
   bool try_small_gemm(const at::Tensor& a, const at::Tensor& out, bool accumulate) const;
