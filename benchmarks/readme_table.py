@@ -2,6 +2,7 @@
 
     python benchmarks/readme_table.py benchmarks/measured/<date>_cpu_bench_rnn.json \
         benchmarks/measured/<date>_cpu_bench_attention.json
+    python benchmarks/readme_table.py --bf16 <date>_cpu_bench_rnn_bf16.json <date>_cpu_bench_rnn_fp32.json
 """
 import json
 import sys
@@ -56,7 +57,37 @@ def attention_table(path):
     return "\n".join(lines)
 
 
+BF16_CONFIGS = {"nmt-enc": "(20, 64, 256, 256)", "canonical": "(100, 64, 512, 512)",
+                "canonical-packed": "(lengths U[30,100])", "small-batch": "(64, 4, 1024, 1024)"}
+
+
+def bf16_table(bf16_path, fp32_path):
+    """Autocast rows: torch.nn autocast -> seqfast autocast, torch.nn fp32 -> seqfast autocast, and
+    seqfast fp32 (from the fp32 run) -> seqfast autocast."""
+    rows = {(r["cell"], r["config"], r["mode"], r["precision"]): r for r in json.load(open(bf16_path))["results"]}
+    fp32 = {(r["cell"], r["config"], r["mode"]): r for r in json.load(open(fp32_path))["results"]}
+    lines = ["| layer | config (T, B, I, H) | mode | torch.nn autocast → seqfast autocast | "
+             "torch.nn fp32 → seqfast autocast | seqfast fp32 → seqfast autocast |", "|---|---|---|---|---|---|"]
+    ms = lambda seconds: fmt(seconds, "ms")
+    for kind in ("LSTM", "GRU", "RNN"):
+        for config, shape in BF16_CONFIGS.items():
+            for mode in ("inference", "training"):
+                both, vs_fp32 = rows.get((kind, config, mode, "autocast")), rows.get((kind, config, mode, "autocast-vs-fp32"))
+                base = fp32.get((kind, config, mode))
+                if not both or not vs_fp32 or both.get("error") or vs_fp32.get("error"):
+                    continue
+                own = (f"{ms(base['seqfast_s'])} → {ms(both['seqfast_s'])} ms ({base['seqfast_s'] / both['seqfast_s']:.2f}×)"
+                       if base and not base.get("error") else "-")
+                lines.append(f"| {kind} | {config} {shape} | {mode} | {ms(both['torch_s'])} → {ms(both['seqfast_s'])} ms "
+                             f"(**{both['speedup']:.2f}×**) | {ms(vs_fp32['torch_s'])} → {ms(vs_fp32['seqfast_s'])} ms "
+                             f"(**{vs_fp32['speedup']:.2f}×**) | {own} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--bf16":
+        print(bf16_table(sys.argv[2], sys.argv[3]))
+        sys.exit(0)
     print(rnn_table(sys.argv[1]))
     if len(sys.argv) > 2:
         print()
