@@ -540,8 +540,9 @@ def test_gradient_subsets(kind, input_kind, which):
         torch.testing.assert_close(g_sf[n], g_ref[n], **tol, msg=lambda msg, n=n: f"grad {n}: {msg}")
 
 
-# The backward takes grad_output with any strides: expanded from one value (a sum or mean loss: filled,
-# not copied), transposed, and dense, against torch.nn's gradients.
+# The backward takes grad_output with any strides: expanded from one value (a sum loss: filled, not
+# copied; a sum mutated to fill twice the value fails the two "sum" cases), transposed, strided, and
+# dense (a mean loss's gradient is divided, so dense), against torch.nn's gradients.
 @pytest.mark.parametrize("loss", ["sum", "mean", "transposed", "strided_slice"])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_gradients_for_strided_and_expanded_output_gradients(kind, loss):

@@ -1234,8 +1234,8 @@ void backward_loop_unit_split(const Schedule& s, const LayerDims& d, const std::
   });
 }
 
-// grad_output as (N, P) contiguous rows. The gradient of a sum or mean of the output (a common loss
-// and the benchmarks' one) arrives expanded from one value (every stride 0): it is filled rather than
+// grad_output as (N, P) contiguous rows. The gradient of a sum of the output (a common loss term and
+// the benchmarks' one) arrives expanded from one value (every stride 0): it is filled rather than
 // copied element by element (its clone was ~44 us of a ~540 us seed-stock LSTM training step, in a
 // fresh, page-faulting allocation). Other strided gradients are copied into a pooled buffer.
 Tensor dense_rows(const Tensor& grad, int64_t N, int64_t P) {
