@@ -1251,10 +1251,11 @@ Tensor dense_rows(const Tensor& grad, int64_t N, int64_t P) {
 }
 
 // The weight gradients of a small float32 layer (G*H <= 48 gate columns, I and P <= 16): MKL's sgemm
-// runs these tall, thin products (N tokens deep) at 35-75 GF/s, and its OpenMP split along N did not
+// runs these tall, thin products (N tokens deep) at 36-78 GF/s, and its OpenMP split along N did not
 // make it faster (seed-stock LSTM: dW_ih and dW_hh took ~40 us each of a ~650 us training step, the
-// 2-thread call slower than the 1-thread one). gradient_gemm (small_gemm.h) runs at 110-180 GF/s on
-// one core for them; here each thread takes a share of the tokens and the bias column sums ride along.
+// 2-thread call slower than the 1-thread one). gradient_gemm (small_gemm.h) runs at 63-177 GF/s on
+// one core for them (each shape ahead of MKL's); here each thread takes a share of the tokens and the
+// bias column sums ride along.
 template <typename T>
 bool use_gradient_gemm(const LayerDims& d, const Tensor& x, const Tensor& h_prev_all) {
   if constexpr (!std::is_same_v<T, float>) {

@@ -158,19 +158,16 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
   // all its pages.
   at::Tensor out = empty_buffer({x.size(0), weight.size(0)}, x.options());
   if (use_small_gemm(weight, x.size(0), x.size(0)) && unit_column_stride(x)) {
-    // A small weight over many rows (the seed-stock input projection: 3535 x 5 by 5 x 40): the
+    // A small weight over many rows (the seed-stock input projection: 3535 x 5 by 5 x 40): RowGemm's
     // micro-kernel on row chunks in parallel, where MKL's 2-thread sgemm took ~11 us for 0.7 M
     // multiply-adds. The bias, if any, is written first and accumulated onto.
-    const at::Tensor w = weight.contiguous();
-    const int64_t n = w.size(0), k = w.size(1);
-    at::Tensor panels = at::empty({weight_panels_size(n, k)}, w.options());
-    pack_weight_panels(w.data_ptr<float>(), k, nullptr, n, k, panels.data_ptr<float>());
+    const RowGemm gemm(weight, x.size(0), x.size(0));  // packs W for the micro-kernel (use_small_gemm)
+    const int64_t n = weight.size(0);
     if (bias.has_value()) out.copy_(bias->expand({x.size(0), n}));
     const float* a = x.data_ptr<float>();
     float* c = out.data_ptr<float>();
     at::parallel_for(0, x.size(0), 512, [&](int64_t r0, int64_t r1) {
-      panel_gemm(r1 - r0, n, k, a + r0 * x.stride(0), x.stride(0), panels.data_ptr<float>(), c + r0 * n, n,
-                 /*accumulate=*/bias.has_value());
+      gemm.compute_rows(r1 - r0, a + r0 * x.stride(0), x.stride(0), c + r0 * n, n, /*accumulate=*/bias.has_value());
     });
     return out;
   }
@@ -216,9 +213,7 @@ RowGemm::RowGemm(const at::Tensor& weight, int64_t max_rows, int64_t total_rows)
 
 bool RowGemm::try_small_gemm(const at::Tensor& a, const at::Tensor& out, bool accumulate) const {
   if (!small_panels_.defined() || !unit_column_stride(a) || !unit_column_stride(out)) return false;
-  panel_gemm(a.size(0), weight_.size(0), a.size(1), a.data_ptr<float>(), a.stride(0), small_panels_.data_ptr<float>(),
-             out.data_ptr<float>(), out.stride(0), accumulate);
-  return true;
+  return compute_rows(a.size(0), a.data_ptr<float>(), a.stride(0), out.data_ptr<float>(), out.stride(0), accumulate);
 }
 
 bool RowGemm::compute_rows(int64_t rows, const float* a, int64_t lda, float* out, int64_t ldo,

@@ -139,9 +139,10 @@ __attribute__((target("avx512f"))) void panel_gemm_avx512(int64_t m, int64_t n, 
 // gradient_gemm (small_gemm.h): C (n x k) += G^T A over m token rows, with the reduction over the
 // tokens as the inner loop. A tile holds KD <= 8 columns of A (k) by V <= 3 vectors of 16 columns of G
 // (n) in 24 accumulators; per token it loads V vectors of G's row, broadcasts KD values of A's row and
-// does KD * V FMAs, so it runs at the FMA rate whatever m is, where MKL's sgemm for these tall, thin
-// products (m = 3535, n = 40, k = 5 or 10: the weight gradients of the seed-stock LSTM) ran at 35-75
-// GF/s and was ~12% of its training step (its k-blocked OpenMP split included).
+// does KD * V FMAs, so it runs near the FMA rate whatever m is (one core: 119-121 GF/s at n = 40, k = 5
+// or 10; 63 at n = k = 10), where MKL's sgemm for these tall, thin products (m = 3535, n = 40, k = 5 or
+// 10: the weight gradients of the seed-stock LSTM) ran at 36-78 GF/s and was ~12% of its training
+// step (its k-blocked OpenMP split included).
 constexpr int kGradVectors = 3;
 constexpr int kGradDepth = 8;
 
